@@ -1,0 +1,43 @@
+"""nara-diffusion: noise-aware low-rank adapters (NaRA) for diffusion models, the peft way.
+
+```python
+import nara_diffusion as nd
+model = nd.get_nara_model(base, nd.NaRAConfig(r=32, target_modules=["q_proj", "v_proj"]))
+logits = model(input_ids, noise_level=lam).logits   # lam: float or [B] tensor in [0, 1]
+```
+"""
+
+from .core import (
+    NaRAConfig,
+    NaRALinear,
+    NaRAModel,
+    NoiseConditionedAdapter,
+    NoiseLevelError,
+    convert_reference_checkpoint,
+    get_adapter,
+    get_nara_model,
+    load_nara_model,
+    noise_level,
+    noise_level_from_mask,
+    timestep_to_noise_level,
+    validate_noise_level,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NaRAConfig",
+    "NaRALinear",
+    "NaRAModel",
+    "NoiseConditionedAdapter",
+    "NoiseLevelError",
+    "__version__",
+    "convert_reference_checkpoint",
+    "get_adapter",
+    "get_nara_model",
+    "load_nara_model",
+    "noise_level",
+    "noise_level_from_mask",
+    "timestep_to_noise_level",
+    "validate_noise_level",
+]

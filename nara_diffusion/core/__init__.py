@@ -1,0 +1,27 @@
+"""The modality-agnostic NaRA core: config, noise levels, hypernetwork, layer, peft tuner, serialisation."""
+
+from .adapter import NoiseConditionedAdapter
+from .config import NaRAConfig
+from .layer import NaRALinear
+from .noise import NoiseLevelError, noise_level_from_mask, timestep_to_noise_level, validate_noise_level
+from .serialization import convert_reference_checkpoint, load_nara_model
+from .tuner import NaRAModel, get_adapter, get_nara_model, noise_level, register_with_peft
+
+register_with_peft()
+
+__all__ = [
+    "NaRAConfig",
+    "NaRALinear",
+    "NaRAModel",
+    "NoiseConditionedAdapter",
+    "NoiseLevelError",
+    "convert_reference_checkpoint",
+    "get_adapter",
+    "get_nara_model",
+    "load_nara_model",
+    "noise_level",
+    "noise_level_from_mask",
+    "register_with_peft",
+    "timestep_to_noise_level",
+    "validate_noise_level",
+]

@@ -1,0 +1,112 @@
+"""`NoiseConditionedAdapter`: the one hypernetwork a NaRA model shares across all its adapted layers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import NaRAConfig
+from .hypernet import CoreGenerator, build_embedding
+from .noise import NoiseLevelError, NoiseLevelLike, validate_noise_level
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes forwards)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class NoiseConditionedAdapter(nn.Module):
+    """Generates the r × r core C(λ) = I + η · reshape(F_φ(e(λ))) for every adapted layer of one adapter.
+
+    The model-level forward hook calls :meth:`begin_forward` once per forward; every `NaRALinear` then reads
+    :attr:`current_core` (shape ``[B, r, r]`` or ``[1, r, r]``, or ``None`` for the identity core, where the
+    layer skips the product). :meth:`end_forward` clears it, so a later call without a noise level fails
+    instead of reusing a stale core. Activation checkpointing recomputes layers during backward, after the
+    forward has ended; those recomputations (and only those) see the core of the forward they belong to.
+
+    Args:
+        config: The adapter's `NaRAConfig` (``core``, ``r``, ``core_scale`` and the embedding settings).
+    """
+
+    def __init__(self, config: NaRAConfig) -> None:
+        super().__init__()
+        self.kind = config.core
+        self.r = config.r
+        self.core_scale = float(config.core_scale)
+        if self.kind == "noise":
+            self.embedding = build_embedding(config)
+            self.generator = CoreGenerator(self.embedding.out_dim, config.hidden_dims, config.r)
+        elif self.kind == "constant":
+            self.constant = nn.Parameter(torch.zeros(config.r, config.r))
+        self._core: Optional[torch.Tensor] = None
+        self._core_for_backward: Optional[torch.Tensor] = None
+        self._active = False
+
+    @property
+    def needs_noise_level(self) -> bool:
+        return self.kind == "noise"
+
+    def _device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def core(self, noise_level: Optional[NoiseLevelLike] = None) -> torch.Tensor:
+        """Compute C(λ) for a batch.
+
+        Args:
+            noise_level: Normalised λ ∈ [0, 1]: a float, a 0-d tensor or a ``[B]`` tensor. Required for the
+                ``"noise"`` core, ignored by ``"constant"`` and ``"identity"``.
+
+        Returns:
+            ``[B, r, r]`` float32 tensor (``[1, r, r]`` for a scalar λ or a λ-free core), with autograd.
+        """
+        eye = torch.eye(self.r, device=self._device(), dtype=torch.float32)
+        if self.kind == "identity":
+            batch = 1 if noise_level is None else validate_noise_level(noise_level).numel()
+            return eye.expand(batch, self.r, self.r)
+        if self.kind == "constant":
+            batch = 1 if noise_level is None else validate_noise_level(noise_level).numel()
+            core = eye + self.core_scale * self.constant.float()
+            return core.unsqueeze(0).expand(batch, self.r, self.r)
+        if noise_level is None:
+            raise NoiseLevelError("This NaRA core is conditioned on the noise level: pass noise_level=λ in [0, 1].")
+        lam = validate_noise_level(noise_level, device=eye.device)
+        deviation = self.generator(self.embedding(lam)).float().view(-1, self.r, self.r)
+        return eye + self.core_scale * deviation
+
+    # -- per-forward state, driven by the model-level hooks -------------------------------------------------
+    def begin_forward(self, noise_level: Optional[torch.Tensor]) -> None:
+        """Compute the core once for the forward that is starting (λ already validated, shape ``[B]``)."""
+        self._core = None if self.kind == "identity" else self.core(noise_level)
+        self._core_for_backward = None
+        self._active = True
+
+    def end_forward(self) -> None:
+        """Forget λ and C; keep C only for recomputation during backward when it carries a graph."""
+        if self._core is not None and self._core.requires_grad:
+            self._core_for_backward = self._core
+        self._core = None
+        self._active = False
+
+    @property
+    def current_core(self) -> Optional[torch.Tensor]:
+        """The core of the running forward (``None`` for the identity core); raises outside a forward."""
+        if self._active:
+            return self._core
+        if self._core_for_backward is not None and _in_backward():
+            return self._core_for_backward
+        if self.kind == "identity":
+            return None
+        raise NoiseLevelError(
+            "A NaRA layer ran outside a forward pass of its model, so no noise level is set. Call the model "
+            "(not a submodule) with noise_level=λ, or wrap the call in `with nd.noise_level(model, λ):`."
+        )
+
+    def extra_repr(self) -> str:
+        return f"core={self.kind!r}, r={self.r}, core_scale={self.core_scale}"
