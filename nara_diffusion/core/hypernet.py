@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -75,7 +76,7 @@ class CoreGenerator(nn.Module):
         super().__init__()
         widths = [in_dim, *hidden_dims, r * r]
         modules: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(widths)):
             if i:
                 modules.append(nn.SiLU())
             modules.append(nn.Linear(d_in, d_out))

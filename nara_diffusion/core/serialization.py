@@ -43,7 +43,9 @@ class AdapterLoadError(ValueError):
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"No {path.name} in {path.parent}: is this an adapter folder written by save_pretrained?")
+        raise FileNotFoundError(
+            f"No {path.name} in {path.parent}: is this an adapter folder written by save_pretrained?"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

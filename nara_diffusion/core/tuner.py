@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import peft
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
@@ -241,4 +241,3 @@ def noise_level(model: nn.Module, value: NoiseLevelLike) -> Iterator[None]:
         yield
     finally:
         tuner._pending_noise_level = previous
-

@@ -1,0 +1,75 @@
+"""Small models built from configs inside the tests (no downloads) and an independent NaRA formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Linear stack with tanh between layers: each layer's input is known, so the expected output of the
+    adapted model can be computed by hand."""
+
+    def __init__(self, d: int = 12, n_layers: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n_layers))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def reference_core(hyper: dict[str, torch.Tensor], lam: torch.Tensor, r: int, eta: float) -> torch.Tensor:
+    """C(λ) = I + η·reshape(MLP(sin/cos(λ·W))), written with plain tensor ops. ``lam``: [B] → [B, r, r]."""
+    proj = lam[:, None] * hyper["W"]  # [B, m/2]
+    h = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+    n_linear = len([k for k in hyper if k.startswith("w")])
+    for i in range(n_linear):
+        h = h @ hyper[f"w{i}"].T + hyper[f"b{i}"]
+        if i < n_linear - 1:
+            h = h * torch.sigmoid(h)
+    return torch.eye(r) + eta * h.view(-1, r, r)
+
+
+def reference_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, s: float) -> torch.Tensor:
+    """s·B·Cᵀ·A·x per example in column form; ``x``: [B, ..., d_in], ``C``: [B, r, r]."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i].reshape(-1, x.shape[-1]).T  # [d_in, N]
+        yi = s * (B @ C[i].T @ A @ xi)  # [d_out, N]
+        out.append(yi.T.reshape(*x.shape[1:-1], B.shape[0]))
+    return torch.stack(out)
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def perturb_(module: nn.Module, scale: float = 0.3, seed: int = 1) -> None:
+    """Give every NaRA parameter a random non-zero value (B and the last hypernet layer start at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "nara_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
