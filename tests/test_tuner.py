@@ -182,3 +182,31 @@ def test_every_adapted_layer_reads_the_one_shared_hypernetwork():
     assert len(layers) == 4 and all(layer.nara_cores["default"] is hn for layer in layers)
     # the hypernetwork is a submodule of the tuner only, so its parameters are counted once
     assert sum(1 for n, _ in model.named_parameters() if "generator.layers.0.weight" in n) == 1
+
+
+def test_a_second_named_adapter_has_its_own_hypernetwork_and_switches():
+    model = nd.get_nara_model(TinyNet(), nd.NaRAConfig(r=3, target_modules=["layers.0"], lora_dropout=0.0))
+    perturb_(model)
+    x = torch.randn(2, 12)
+    first = model(x, noise_level=0.3)
+    model.add_adapter("other", nd.NaRAConfig(r=2, target_modules=["layers.1"], core="constant", lora_dropout=0.0))
+    assert list(model.base_model.nara_hypernet) == ["default", "other"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".other" in name:
+                p.normal_()
+    model.set_adapter("other")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".other" in n for n in trainable)
+    with model.disable_adapter():
+        base_out = model(x)
+    assert not torch.allclose(model(x), base_out, atol=1e-4)  # the constant core needs no noise level
+    model.set_adapter("default")
+    torch.testing.assert_close(model(x, noise_level=0.3), first)
+    with pytest.raises(nd.NoiseLevelError):
+        model(x)
+    model.delete_adapter("other")
+    assert list(model.base_model.nara_hypernet) == ["default"]
+    with pytest.raises(ValueError, match="not found in the base model"):
+        model.add_adapter("broken", nd.NaRAConfig(r=2, target_modules=["nothing_here"]))
+    assert list(model.base_model.nara_hypernet) == ["default"]

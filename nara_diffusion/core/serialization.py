@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter import NoiseConditionedAdapter
 from .config import NARA_PEFT_TYPE, NaRAConfig
-from .tuner import register_with_peft
+from .tuner import quiet_peft_wrapping, register_with_peft
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,7 +164,8 @@ def load_nara_model(
 
     config.inference_mode = not is_trainable
     model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, peft.PeftModel)
-    peft_model = model_cls(model, config, adapter_name=adapter_name)
+    with quiet_peft_wrapping():
+        peft_model = model_cls(model, config, adapter_name=adapter_name)
     try:
         result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
         missing = [k for k in result.missing_keys if ".nara_" in k and f".{adapter_name}" in k]

@@ -9,6 +9,7 @@ string ``"NARA"`` so that ``peft.get_peft_model`` and ``PeftModel.from_pretraine
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
@@ -60,12 +61,38 @@ class NaRAModel(BaseTuner):
 
     # -- injection ----------------------------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> None:
+        self._ensure_hypernet(model, config, adapter_name)
+
+    def _ensure_hypernet(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> NoiseConditionedAdapter:
+        """Create the adapter's shared hypernetwork (once) and the model-level λ hooks (once per model).
+
+        Called from `_pre_injection_hook` for the first adapter and lazily from `_create_and_replace`, because
+        ``PeftModel.add_adapter`` injects further adapters without running the injection hooks.
+        """
         if "nara_hypernet" not in self._modules:
             self.nara_hypernet = nn.ModuleDict()
             self._pending_noise_level: Optional[NoiseLevelLike] = None
             self._adapters_enabled = True
             self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.nara_hypernet[adapter_name] = NoiseConditionedAdapter(config).to(_first_device(model))
+        if adapter_name not in self.nara_hypernet:
+            hypernet = NoiseConditionedAdapter(config).to(_first_device(model))
+            hypernet.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+            self.nara_hypernet[adapter_name] = hypernet
+        if not self._hook_handles:
+            self._hook_handles = [
+                model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+                model.register_forward_hook(self._end_forward, always_call=True),
+            ]
+        return self.nara_hypernet[adapter_name]
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            # peft forgets the config of an adapter that failed to inject; forget its hypernetwork too
+            if "nara_hypernet" in self._modules and adapter_name in self.nara_hypernet:
+                del self.nara_hypernet[adapter_name]
+            raise
 
     def _create_and_replace(
         self,
@@ -77,7 +104,7 @@ class NaRAModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        core = self.nara_hypernet[adapter_name]
+        core = self._ensure_hypernet(self.model, config, adapter_name)
         if isinstance(target, NaRALayer):
             target.update_layer(adapter_name, core, config, inference_mode=config.inference_mode)
             return
@@ -85,15 +112,6 @@ class NaRAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _post_injection_hook(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> None:
-        if config.inference_mode or adapter_name not in self.active_adapters:
-            self.nara_hypernet[adapter_name].requires_grad_(False)
-        if not self._hook_handles:
-            self._hook_handles = [
-                model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
-                model.register_forward_hook(self._end_forward, always_call=True),
-            ]
 
     def _check_new_adapter_config(self, config: NaRAConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -103,7 +121,7 @@ class NaRAModel(BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
         for name, hypernet in self.nara_hypernet.items():
-            hypernet.requires_grad_(name in self.active_adapters)
+            hypernet.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
 
     # -- λ routing ----------------------------------------------------------------------------------------
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -200,7 +218,16 @@ def get_nara_model(model: nn.Module, config: NaRAConfig, adapter_name: str = "de
     if not isinstance(config, NaRAConfig):
         raise TypeError(f"get_nara_model needs a NaRAConfig, got {type(config).__name__}.")
     register_with_peft()
-    return peft.get_peft_model(model, config, adapter_name=adapter_name)
+    with quiet_peft_wrapping():
+        return peft.get_peft_model(model, config, adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Hide the deprecation warning transformers 5 raises when peft probes ``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def find_nara_tuner(model: nn.Module) -> NaRAModel:
