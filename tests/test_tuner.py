@@ -210,3 +210,22 @@ def test_a_second_named_adapter_has_its_own_hypernetwork_and_switches():
     with pytest.raises(ValueError, match="not found in the base model"):
         model.add_adapter("broken", nd.NaRAConfig(r=2, target_modules=["nothing_here"]))
     assert list(model.base_model.nara_hypernet) == ["default"]
+
+
+def test_noise_levels_are_validated_even_for_cores_that_ignore_them():
+    model = nd.get_nara_model(tiny_llama(), nd.NaRAConfig(r=2, target_modules=["q_proj"], core="identity"))
+    ids = torch.randint(0, 64, (2, 5))
+    model(ids)  # no noise level needed
+    with pytest.raises(nd.NoiseLevelError, match="finite"):
+        model(ids, noise_level=float("nan"))
+
+
+def test_bf16_base_model_keeps_fp32_adapters_and_bf16_outputs():
+    model = nd.get_nara_model(tiny_llama().to(torch.bfloat16), nd.NaRAConfig(r=4, target_modules=["q_proj"]))
+    perturb_(model)
+    adapter_dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter_dtypes == {torch.float32}
+    out = model(torch.randint(0, 64, (2, 5)), noise_level=torch.tensor([0.2, 0.9])).logits
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert nd.get_adapter(model).generator.layers[0].weight.grad is not None

@@ -130,15 +130,8 @@ class NaRAModel(BaseTuner):
             value = self._pending_noise_level
         names = [n for n in self.active_adapters if n in self.nara_hypernet] if self._adapters_enabled else []
         for name in names:
-            hypernet, lam = self.nara_hypernet[name], None
-            if hypernet.needs_noise_level:
-                if value is None:
-                    raise NoiseLevelError(
-                        "This NaRA model is conditioned on the noise level but was called without one: pass "
-                        "noise_level=λ (a float or a [batch] tensor in [0, 1], or a timestep when the config "
-                        "says noise_input='timestep'), or wrap the call in `with nd.noise_level(model, λ):`."
-                    )
-                cfg = self.peft_config[name]
+            hypernet, cfg, lam = self.nara_hypernet[name], self.peft_config[name], None
+            if value is not None:  # validated even where unused, so a bad value never passes silently
                 lam = to_noise_level(
                     value,
                     cfg.noise_input,
@@ -146,7 +139,13 @@ class NaRAModel(BaseTuner):
                     batch_size=_batch_size(args, kwargs),
                     device=_first_device(hypernet),
                 )
-            hypernet.begin_forward(lam)
+            elif hypernet.needs_noise_level:
+                raise NoiseLevelError(
+                    "This NaRA model is conditioned on the noise level but was called without one: pass "
+                    "noise_level=λ (a float or a [batch] tensor in [0, 1], or a timestep when the config "
+                    "says noise_input='timestep'), or wrap the call in `with nd.noise_level(model, λ):`."
+                )
+            hypernet.begin_forward(lam if hypernet.needs_noise_level else None)
         return args, kwargs
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
