@@ -71,15 +71,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="unmeasured warm-up rounds")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stall-factor",
+        type=float,
+        default=1.5,
+        help="discard a round when some variant took more than this × its fastest round (host contention)",
+    )
+    p.add_argument("--max-seconds", type=float, default=60.0, help="time budget of each timing phase")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each timing phase, wait up to this many seconds for other processes to leave the CPUs idle",
+    )
     p.add_argument("--no-identity", action="store_true", help="skip the NaRA core='identity' variant")
     p.add_argument("--profile", action="store_true", help="also profile LoRA vs NaRA and list the top ops")
     p.add_argument("--profile-steps", type=int, default=20, help="steps per variant under the profiler")
-    p.add_argument("--quick", action="store_true", help="smoke run: 10 rounds, 2 warm-up, 5 profiled steps")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 10 rounds, 2 warm-up, 5 profiled steps, 10 s per phase"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.profile_steps = 10, 2, 5
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+        args.max_seconds = min(args.max_seconds, 10.0)
+    if args.repeats < 1 or args.warmup < 0 or args.stall_factor <= 1.0:
+        p.error("--repeats must be >= 1, --warmup >= 0 and --stall-factor > 1")
     return args
 
 
@@ -124,7 +140,7 @@ def make_batch(args: argparse.Namespace, gen: torch.Generator) -> Batch:
 
 
 def forward(v: Variant, batch: Batch) -> torch.Tensor:
-    """Logits of one forward; NaRA variants get ``noise_level=λ`` (identity ignores it)."""
+    """Logits of one forward; NaRA variants get ``noise_level=λ`` (the identity core validates but does not use it)."""
     kwargs: dict[str, Any] = {"noise_level": batch.lam} if v.takes_noise else {}
     return v.model(input_ids=batch.input_ids, **kwargs).logits
 
@@ -149,24 +165,99 @@ def infer_step(v: Variant, batch: Batch) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class Phase:
+    """Bookkeeping of one timing phase: measured rounds kept and discarded."""
+
+    name: str
+    kept: int = 0
+    discarded: int = 0
+    out_of_time: bool = False
+    foreign_cpu: Optional[float] = None  # share of all CPUs used by other processes while timing
+
+
+def cpu_busy_seconds() -> Optional[float]:
+    """Busy CPU seconds of the whole machine since boot, from /proc/stat (None where unavailable)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def wait_for_idle(max_wait: float, window: float = 2.0, threshold: float = 0.05) -> None:
+    """Sleep until other processes use under ``threshold`` of the CPUs over ``window`` s, at most ``max_wait`` s."""
+    end = time.perf_counter() + max_wait
+    while time.perf_counter() < end:
+        b0 = cpu_busy_seconds()
+        time.sleep(window)
+        b1 = cpu_busy_seconds()
+        if b0 is None or b1 is None or (b1 - b0) / (window * (os.cpu_count() or 1)) < threshold:
+            return
+    print(f"(CPUs still busy after waiting {max_wait:.0f} s; timing anyway)", file=sys.stderr)
+
+
+def clean_rows(rows: list[list[float]], factor: float) -> list[list[float]]:
+    """Rounds in which every variant took at most ``factor`` × its fastest time over all rounds."""
+    fastest = [min(col) for col in zip(*rows, strict=True)]
+    return [row for row in rows if all(t <= factor * f for t, f in zip(row, fastest, strict=True))]
+
+
 def run_rounds(
     variants: list[Variant], step: Callable[[Variant, Batch], float], sink: str, args: argparse.Namespace
-) -> None:
-    """Each round runs every variant once on the same batch; the order rotates (A B C, B C A, C A B, ...) so
-    that every variant takes every position equally often and never follows itself. GC is off while timing."""
+) -> Phase:
+    """Time ``step`` in rounds; each round runs every variant once on the same batch.
+
+    The order rotates (A B C, B C A, C A B, ...) so that every variant takes every position equally often and
+    never follows itself. Rounds where another process stole the CPU (some variant slower than
+    ``--stall-factor`` × its fastest round) are discarded, and rounds continue until ``--repeats`` clean ones
+    are in or ``--max-seconds`` have passed. GC is off while timing.
+    """
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
     gen = torch.Generator().manual_seed(args.seed + 1)
+    rows: list[list[float]] = []
+    kept: list[list[float]] = []
+    deadline = time.perf_counter() + args.max_seconds
+    phase = Phase(sink)
     gc.collect()
+    busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
     gc.disable()
     try:
-        for rnd in range(args.warmup + args.repeats):
+        rnd = 0
+        while True:
             batch = make_batch(args, gen)
             k = rnd % len(variants)
-            for v in variants[k:] + variants[:k]:
-                elapsed = step(v, batch)
-                if rnd >= args.warmup:
-                    getattr(v, sink).append(elapsed)
+            row = [0.0] * len(variants)
+            for i in [*range(k, len(variants)), *range(k)]:
+                row[i] = step(variants[i], batch)
+            if rnd >= args.warmup:
+                rows.append(row)
+                kept = clean_rows(rows, args.stall_factor)
+                if len(kept) >= args.repeats:
+                    break
+            rnd += 1
+            if time.perf_counter() > deadline:
+                phase.out_of_time = True
+                break
     finally:
         gc.enable()
+    busy1, own1, wall1 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    if busy0 is not None and busy1 is not None:
+        foreign = (busy1 - busy0) - (own1 - own0)
+        phase.foreign_cpu = max(0.0, foreign) / ((wall1 - wall0) * (os.cpu_count() or 1))
+    kept = kept[: args.repeats]
+    for i, v in enumerate(variants):
+        getattr(v, sink).extend(row[i] for row in kept)
+    phase.kept, phase.discarded = len(kept), len(rows) - len(kept)
+    return phase
 
 
 def saved_for_backward_bytes(v: Variant, batch: Batch) -> int:
@@ -211,8 +302,8 @@ def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float
     return statistics.median(ratios), lo, hi
 
 
-def report(variants: list[Variant], args: argparse.Namespace) -> str:
-    """The markdown table of results."""
+def report(variants: list[Variant]) -> str:
+    """The markdown table of results (clean rounds only; ratios are to the first variant, peft LoRA)."""
     ref = variants[0]
     rows = [
         "| variant | fwd+bwd median (ms) | fwd+bwd IQR (ms) | fwd+bwd min–max (ms) | fwd+bwd ratio to LoRA "
@@ -233,34 +324,54 @@ def report(variants: list[Variant], args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
-def profile_ops(v: Variant, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
-    """Self CPU time (µs per step) and call count per step of each op over ``--profile-steps`` fwd+bwd steps."""
+OpKey = tuple[str, str]  # (op name, input shapes)
+
+
+def profile_ops(
+    v: Variant, step: Callable[[Variant, Batch], float], args: argparse.Namespace
+) -> dict[OpKey, tuple[float, float]]:
+    """Self CPU µs per step and calls per step of each (op, input shapes) over ``--profile-steps`` steps."""
     gen = torch.Generator().manual_seed(args.seed + 2)
     batches = [make_batch(args, gen) for _ in range(args.profile_steps)]
     for batch in batches[:2]:
-        train_step(v, batch)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(v, batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for batch in batches:
-            train_step(v, batch)
+            step(v, batch)
     n = len(batches)
-    return {e.key: (e.self_cpu_time_total / n, e.count // n) for e in prof.key_averages()}
+    return {
+        (e.key, str(e.input_shapes)): (e.self_cpu_time_total / n, e.count / n)
+        for e in prof.key_averages(group_by_input_shape=True)
+    }
 
 
-def profile_report(lora: Variant, nara: Variant, args: argparse.Namespace, top: int = 15) -> str:
-    """Ops sorted by how much more self CPU time per step NaRA spends than LoRA."""
-    a, b = profile_ops(lora, args), profile_ops(nara, args)
-    keys = sorted(set(a) | set(b), key=lambda k: b.get(k, (0.0, 0))[0] - a.get(k, (0.0, 0))[0], reverse=True)
-    tot_a, tot_b = sum(x[0] for x in a.values()), sum(x[0] for x in b.values())
+def extra_ops_report(
+    lora: Variant, nara: Variant, step: Callable[[Variant, Batch], float], args: argparse.Namespace, top: int = 20
+) -> str:
+    """The ops NaRA runs that LoRA does not (same op and input shapes, more calls per step).
+
+    Ops both models run equally often are the shared base model; their time differences between two profiler
+    sessions are noise, so only the extra calls are attributed to NaRA (at NaRA's mean time per call).
+    """
+    a, b = profile_ops(lora, step, args), profile_ops(nara, step, args)
+    extra: list[tuple[float, float, OpKey]] = []
+    for key, (t_b, c_b) in b.items():
+        c_a = a.get(key, (0.0, 0.0))[1]
+        if c_b > c_a + 1e-9:
+            extra.append((t_b * (c_b - c_a) / c_b, c_b - c_a, key))
+    extra.sort(reverse=True)
+    total = sum(t for t, _, _ in extra)
     lines = [
-        f"Profiler, {args.profile_steps} fwd+bwd steps each: total self CPU per step LoRA {tot_a / 1e3:.2f} ms, "
-        f"NaRA {tot_b / 1e3:.2f} ms (profiler overhead included).",
-        "",
-        "| op | LoRA µs/step | LoRA calls/step | NaRA µs/step | NaRA calls/step | NaRA − LoRA µs/step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| op | input shapes | extra calls/step | extra µs/step |",
+        "|---|---|---:|---:|",
     ]
-    for k in keys[:top]:
-        (ta, ca), (tb, cb) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
-        lines.append(f"| `{k}` | {ta:.0f} | {ca} | {tb:.0f} | {cb} | {tb - ta:+.0f} |")
+    for t, c, (name, shapes) in extra[:top]:
+        short = shapes if len(shapes) <= 60 else shapes[:57] + "..."
+        lines.append(f"| `{name}` | `{short}` | {c:g} | {t:.0f} |")
+    rest = extra[top:]
+    if rest:
+        lines.append(f"| ({len(rest)} more) | | {sum(c for _, c, _ in rest):g} | {sum(t for t, _, _ in rest):.0f} |")
+    lines.append(f"| **total NaRA-only op time** | | {sum(c for _, c, _ in extra):g} | **{total:.0f}** |")
     return "\n".join(lines)
 
 
@@ -269,6 +380,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    load_before = os.getloadavg()
 
     variants = build_variants(args)
     print(
@@ -277,30 +389,54 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     print(
         f"Llama: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, vocab {args.vocab}; "
-        f"rank {args.rank} on {', '.join(TARGETS)}; batch {args.batch} × seq {args.seq}; "
-        f"{args.repeats} rounds after {args.warmup} warm-up, float32"
+        f"rank {args.rank} on {', '.join(TARGETS)}; batch {args.batch} × seq {args.seq}; float32; "
+        f"{args.repeats} rounds after {args.warmup} warm-up"
     )
 
     batch = make_batch(args, torch.Generator().manual_seed(args.seed + 3))
     for v in variants:
         v.saved_bytes = saved_for_backward_bytes(v, batch)
 
-    run_rounds(variants, train_step, "train_times", args)
-    run_rounds(variants, infer_step, "infer_times", args)
+    phases = [
+        run_rounds(variants, train_step, "train_times", args),
+        run_rounds(variants, infer_step, "infer_times", args),
+    ]
+    if any(ph.kept == 0 for ph in phases):
+        raise SystemExit("No clean round within --max-seconds: the machine is too busy (try --threads 1).")
 
-    table = report(variants, args)
-    nara = variants[1]
-    r, _, _ = ratio_stats(nara.train_times, variants[0].train_times)
-    f, _, _ = ratio_stats(nara.infer_times, variants[0].infer_times)
+    lora, nara = variants[0], variants[1]
+    r, _, _ = ratio_stats(nara.train_times, lora.train_times)
+    f, _, _ = ratio_stats(nara.infer_times, lora.infer_times)
     print()
-    print(table)
+    print(report(variants))
+    print()
+    for ph, label in zip(phases, ("fwd+bwd", "forward-only"), strict=True):
+        note = " (stopped by --max-seconds)" if ph.out_of_time else ""
+        others = "" if ph.foreign_cpu is None else f"; other processes used {100 * ph.foreign_cpu:.0f}% of the CPUs"
+        print(
+            f"{label}: {ph.kept} rounds used, {ph.discarded} discarded as stalled "
+            f"(a variant > {args.stall_factor}× its fastest round){others}{note}"
+        )
+        if ph.kept < args.repeats or ph.discarded > ph.kept // 4 or (ph.foreign_cpu or 0.0) > 0.1:
+            print(f"WARNING: {label} timings were disturbed by other load on this machine; rerun when it is idle.")
+    print(f"load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}")
     print()
     print(f"NaRA/LoRA fwd+bwd median per-round ratio: {r:.3f} (goal ≤ 1.05: {'met' if r <= 1.05 else 'NOT met'})")
     print(f"NaRA/LoRA forward-only (no_grad) median per-round ratio: {f:.3f}")
 
     if args.profile:
-        print()
-        print(profile_report(variants[0], nara, args))
+        for label, step, times in (
+            ("fwd+bwd", train_step, "train_times"),
+            ("forward-only", infer_step, "infer_times"),
+        ):
+            diff = median_ms(getattr(nara, times)) - median_ms(getattr(lora, times))
+            print()
+            print(
+                f"NaRA-only ops, {label} (torch.profiler, {args.profile_steps} steps; profiler overhead included; "
+                f"measured median difference NaRA − LoRA: {1e3 * diff:.0f} µs/step):"
+            )
+            print()
+            print(extra_ops_report(lora, nara, step, args))
     print(f"\n(total wall time {time.perf_counter() - t_start:.1f} s)", file=sys.stderr)
 
 

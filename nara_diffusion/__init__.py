@@ -7,6 +7,7 @@ logits = model(input_ids, noise_level=lam).logits   # lam: float or [B] tensor i
 ```
 """
 
+from . import text, training
 from .core import (
     NaRAConfig,
     NaRALinear,
@@ -38,6 +39,8 @@ __all__ = [
     "load_nara_model",
     "noise_level",
     "noise_level_from_mask",
+    "text",
     "timestep_to_noise_level",
+    "training",
     "validate_noise_level",
 ]

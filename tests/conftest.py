@@ -73,3 +73,33 @@ def perturb_(module: nn.Module, scale: float = 0.3, seed: int = 1) -> None:
         for name, p in module.named_parameters():
             if "nara_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+CHAT_TEMPLATE = (
+    "<|bos|>{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}"
+    "{% if add_generation_prompt %} <|assistant|>{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(chat_template: bool = True, eos: bool = True):
+    """A word-level fast tokenizer built in memory (no downloads): whitespace-split words from a small vocabulary,
+    special tokens ``<|bos|>`` (added in front of plain encodings), ``<|eos|>``, ``<|mask|>``, ``<|user|>``,
+    ``<|end|>``, ``<|assistant|>``, and a one-line chat template
+    (``<|bos|><|user|> {prompt} <|end|> <|assistant|>`` with the generation prompt)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", *"a b c d e f g h what is two plus three the answer def f(x): return x print".split()]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<|bos|>", "<|eos|>", "<|mask|>", "<|user|>", "<|end|>", "<|assistant|>"])
+    bos_id = backend.token_to_id("<|bos|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos_id)])
+    specials = {"unk_token": "[UNK]", "bos_token": "<|bos|>", "mask_token": "<|mask|>"}
+    if eos:
+        specials["eos_token"] = "<|eos|>"
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, additional_special_tokens=["<|user|>", "<|end|>", "<|assistant|>"], **specials
+    )
+    tok.chat_template = CHAT_TEMPLATE if chat_template else None
+    return tok

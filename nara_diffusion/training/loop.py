@@ -192,10 +192,12 @@ class Trainer:
         state_dir = self.output_dir / STATE_DIR
         tmp = self.output_dir / f".{STATE_DIR}.tmp"
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # every process has written its part before the folder moves
         if self.accelerator.is_main_process:
             meta = {"global_step": self.global_step, "batches_done": self.batches_done}
             meta["best_val_loss"] = self.best_val_loss
@@ -225,8 +227,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return folder
 
-    def _log(self, metrics: dict[str, float]) -> None:
-        self.accelerator.log(metrics, step=self.global_step)
+    def _log(self, metrics: dict[str, Any], trackers: bool = True) -> None:
+        if trackers:
+            self.accelerator.log(metrics, step=self.global_step)
         if self.accelerator.is_main_process:
             with open(self.output_dir / LOG_FILE, "a") as fh:
                 fh.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
@@ -297,9 +300,21 @@ class Trainer:
         if not cfg.eval_every or self.global_step % cfg.eval_every:
             self._checkpoint()
         final_dir = self._save_weights(FINAL_DIR)
+        self._check_replicas()
         acc.end_training()
         best = self.output_dir / BEST_DIR
         return TrainResult(self.global_step, self.best_val_loss, final_dir, best if best.exists() else None)
+
+    def _check_replicas(self) -> None:
+        """Log a fingerprint of the trained weights from every process; they must agree under data parallelism."""
+        trained = [
+            p.detach().double() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad
+        ]
+        fingerprint = torch.stack([sum(p.sum() for p in trained), sum(p.square().sum() for p in trained)])
+        gathered = self.accelerator.gather(fingerprint.to(self.accelerator.device).reshape(1, 2)).tolist()
+        self._log({"replica_fingerprints": gathered}, trackers=False)
+        if any(row != gathered[0] for row in gathered):
+            logger.warning("The processes ended with different weights: %s", gathered)
 
     def _checkpoint(self) -> None:
         val_loss = self.evaluate()
