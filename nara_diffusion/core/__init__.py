@@ -5,7 +5,15 @@ from .config import NaRAConfig
 from .layer import NaRALinear
 from .noise import NoiseLevelError, noise_level_from_mask, timestep_to_noise_level, validate_noise_level
 from .serialization import convert_reference_checkpoint, load_nara_model
-from .tuner import NaRAModel, get_adapter, get_nara_model, noise_level, register_with_peft
+from .tuner import (
+    NaRAModel,
+    get_adapter,
+    get_nara_model,
+    inject_nara,
+    noise_level,
+    register_with_peft,
+    remove_nara,
+)
 
 register_with_peft()
 
@@ -18,10 +26,12 @@ __all__ = [
     "convert_reference_checkpoint",
     "get_adapter",
     "get_nara_model",
+    "inject_nara",
     "load_nara_model",
     "noise_level",
     "noise_level_from_mask",
     "register_with_peft",
+    "remove_nara",
     "timestep_to_noise_level",
     "validate_noise_level",
 ]

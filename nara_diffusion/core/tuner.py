@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
 import peft
@@ -30,6 +30,9 @@ DEFAULT_TARGET_MODULES = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     "llada": ["q_proj", "k_proj", "v_proj", "attn_out"],
 }
+
+#: Reads the noise level from a model call's ``(args, kwargs)``, e.g. a UNet's ``timestep`` argument.
+NoiseLevelFn = Callable[[tuple, dict], Optional[NoiseLevelLike]]
 
 # Keyword names that hold the batch in common model signatures, used to check λ's shape.
 _BATCH_KWARGS = ("input_ids", "inputs_embeds", "sample", "hidden_states", "x", "pixel_values")
@@ -72,6 +75,7 @@ class NaRAModel(BaseTuner):
         if "nara_hypernet" not in self._modules:
             self.nara_hypernet = nn.ModuleDict()
             self._pending_noise_level: Optional[NoiseLevelLike] = None
+            self.noise_level_fn: Optional[NoiseLevelFn] = None
             self._adapters_enabled = True
             self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         if adapter_name not in self.nara_hypernet:
@@ -128,6 +132,8 @@ class NaRAModel(BaseTuner):
         value = kwargs.pop("noise_level", None)
         if value is None:
             value = self._pending_noise_level
+        if value is None and self.noise_level_fn is not None:
+            value = self.noise_level_fn(args, kwargs)
         names = [n for n in self.active_adapters if n in self.nara_hypernet] if self._adapters_enabled else []
         for name in names:
             hypernet, cfg, lam = self.nara_hypernet[name], self.peft_config[name], None
@@ -217,8 +223,10 @@ def get_nara_model(model: nn.Module, config: NaRAConfig, adapter_name: str = "de
     if not isinstance(config, NaRAConfig):
         raise TypeError(f"get_nara_model needs a NaRAConfig, got {type(config).__name__}.")
     register_with_peft()
+    was_training = model.training
     with quiet_peft_wrapping():
-        return peft.get_peft_model(model, config, adapter_name=adapter_name)
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    return peft_model.train(was_training)  # new adapter modules (dropout) follow the model's mode
 
 
 @contextlib.contextmanager
@@ -229,11 +237,74 @@ def quiet_peft_wrapping() -> Iterator[None]:
         yield
 
 
+_INPLACE_TUNER = "_nara_tuner"
+
+
+def inject_nara(
+    model: nn.Module,
+    config: NaRAConfig,
+    adapter_name: str = "default",
+    noise_level_fn: Optional[NoiseLevelFn] = None,
+) -> nn.Module:
+    """Attach a NaRA adapter to ``model`` in place and return ``model`` (no PeftModel wrapper).
+
+    This is the shape diffusers users know from ``unet.add_adapter(lora_config)``: the adapted layers and the
+    shared hypernetwork (``model.nara_hypernet``) become part of ``model``, so ``model.parameters()``,
+    ``model.to(...)`` and ``model.state_dict()`` include them. A second call adds another named adapter.
+
+    Args:
+        model: Any torch module whose target layers are ``nn.Linear``.
+        config: The adapter configuration.
+        adapter_name: Name of the adapter.
+        noise_level_fn: Reads the noise level from each call's ``(args, kwargs)`` when the caller passes no
+            ``noise_level=`` (e.g. a UNet's ``timestep``); interpreted per ``config.noise_input``.
+
+    Returns:
+        ``model``, adapted. `remove_nara` restores it.
+    """
+    if not isinstance(config, NaRAConfig):
+        raise TypeError(f"inject_nara needs a NaRAConfig, got {type(config).__name__}.")
+    register_with_peft()
+    was_training = model.training
+    tuner = model.__dict__.get(_INPLACE_TUNER)
+    if tuner is None:
+        with quiet_peft_wrapping():
+            tuner = NaRAModel(model, config, adapter_name)
+        model.__dict__[_INPLACE_TUNER] = tuner
+        model.nara_hypernet = tuner.nara_hypernet
+    else:
+        if adapter_name in tuner.peft_config:
+            raise ValueError(f"This model already has a NaRA adapter named {adapter_name!r}.")
+        tuner.peft_config[adapter_name] = config
+        try:
+            tuner.inject_adapter(model, adapter_name)
+        except BaseException:
+            del tuner.peft_config[adapter_name]
+            raise
+    if noise_level_fn is not None:
+        tuner.noise_level_fn = noise_level_fn
+    return model.train(was_training)
+
+
+def remove_nara(model: nn.Module) -> nn.Module:
+    """Undo `inject_nara`: the original layers come back, the hypernetwork and the hooks go. Returns ``model``."""
+    tuner = model.__dict__.get(_INPLACE_TUNER)
+    if tuner is None:
+        raise ValueError("This model carries no NaRA adapter attached with inject_nara.")
+    tuner.unload()
+    del model.nara_hypernet
+    del model.__dict__[_INPLACE_TUNER]
+    return model
+
+
 def find_nara_tuner(model: nn.Module) -> NaRAModel:
     """The `NaRAModel` inside a PeftModel (or the tuner itself)."""
     if isinstance(model, NaRAModel):
         return model
     tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, NaRAModel):
+        return tuner
+    tuner = model.__dict__.get(_INPLACE_TUNER)
     if isinstance(tuner, NaRAModel):
         return tuner
     raise TypeError(
