@@ -41,6 +41,8 @@ class NoiseConditionedAdapter(nn.Module):
             self.generator = CoreGenerator(self.embedding.out_dim, config.hidden_dims, config.r)
         elif self.kind == "constant":
             self.constant = nn.Parameter(torch.zeros(config.r, config.r))
+        # Built once: the hot path adds it to the generated deviation at every forward.
+        self.register_buffer("eye", torch.eye(config.r), persistent=False)
         self._core: Optional[torch.Tensor] = None
         self._core_for_backward: Optional[torch.Tensor] = None
         self._active = False
@@ -48,13 +50,6 @@ class NoiseConditionedAdapter(nn.Module):
     @property
     def needs_noise_level(self) -> bool:
         return self.kind == "noise"
-
-    def _device(self) -> torch.device:
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
-        return torch.device("cpu")
 
     def core(self, noise_level: Optional[NoiseLevelLike] = None) -> torch.Tensor:
         """Compute C(λ) for a batch.
@@ -66,24 +61,26 @@ class NoiseConditionedAdapter(nn.Module):
         Returns:
             ``[B, r, r]`` float32 tensor (``[1, r, r]`` for a scalar λ or a λ-free core), with autograd.
         """
-        eye = torch.eye(self.r, device=self._device(), dtype=torch.float32)
-        if self.kind == "identity":
-            batch = 1 if noise_level is None else validate_noise_level(noise_level).numel()
-            return eye.expand(batch, self.r, self.r)
-        if self.kind == "constant":
-            batch = 1 if noise_level is None else validate_noise_level(noise_level).numel()
-            core = eye + self.core_scale * self.constant.float()
-            return core.unsqueeze(0).expand(batch, self.r, self.r)
-        if noise_level is None:
+        lam = None if noise_level is None else validate_noise_level(noise_level, device=self.eye.device)
+        if self.kind == "noise" and lam is None:
             raise NoiseLevelError("This NaRA core is conditioned on the noise level: pass noise_level=λ in [0, 1].")
-        lam = validate_noise_level(noise_level, device=eye.device)
+        core = self._compute(lam)
+        batch = 1 if lam is None else lam.numel()
+        return self.eye.expand(batch, self.r, self.r) if core is None else core.expand(batch, self.r, self.r)
+
+    def _compute(self, lam: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """C for an already validated ``lam`` ``[B]``: ``[B, r, r]`` (noise), ``[1, r, r]`` (constant), None (identity)."""
+        if self.kind == "identity":
+            return None
+        if self.kind == "constant":
+            return (self.eye + self.core_scale * self.constant.float()).unsqueeze(0)
         deviation = self.generator(self.embedding(lam)).float().view(-1, self.r, self.r)
-        return eye + self.core_scale * deviation
+        return self.eye + self.core_scale * deviation
 
     # -- per-forward state, driven by the model-level hooks -------------------------------------------------
     def begin_forward(self, noise_level: Optional[torch.Tensor]) -> None:
         """Compute the core once for the forward that is starting (λ already validated, shape ``[B]``)."""
-        self._core = None if self.kind == "identity" else self.core(noise_level)
+        self._core = self._compute(noise_level)
         self._core_for_backward = None
         self._active = True
 
