@@ -69,7 +69,10 @@ class NoiseConditionedAdapter(nn.Module):
         return self.eye.expand(batch, self.r, self.r) if core is None else core.expand(batch, self.r, self.r)
 
     def _compute(self, lam: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """C for an already validated ``lam`` ``[B]``: ``[B, r, r]`` (noise), ``[1, r, r]`` (constant), None (identity)."""
+        """C for an already validated ``lam`` ``[B]``.
+
+        Returns ``[B, r, r]`` (noise), ``[1, r, r]`` (constant) or None (identity: the layers skip the product).
+        """
         if self.kind == "identity":
             return None
         if self.kind == "constant":
