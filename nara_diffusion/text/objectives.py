@@ -23,7 +23,7 @@ from torch import nn
 
 from nara_diffusion.core.tuner import NaRAModel
 
-from .masking import DEFAULT_EPS, MaskedBatch, MaskingMode, mask_answers
+from .masking import DEFAULT_EPS, MaskedBatch, MaskingMode, answer_region, mask_answers, sample_t
 
 # Wrappers that keep the real model under ``.module`` (matched by name so torch.distributed is never imported).
 _PARALLEL_WRAPPERS = ("DataParallel", "DistributedDataParallel", "FullyShardedDataParallel")
@@ -191,3 +191,235 @@ def sft_loss(
     logits = logits_at(model, batch.noisy_ids, batch.masked, noise_level=noise_level, logits_positions=logits_positions)
     loss = masked_diffusion_loss(logits, input_ids, batch.masked, batch.t, batch.answer_lengths)
     return SFTLossOutput(loss, batch)
+
+
+# -- LIFT: which tokens to supervise at which noise level (Parashar et al., 2026) ----------------------------------
+LiftMode = Literal["top", "bottom", "random"]
+LIFT_VARIANTS: tuple[str, ...] = ("lift3", "lift2")
+LIFT_POLICIES: tuple[str, ...] = ("time", "random")
+RHO_DISTRIBUTIONS: tuple[str, ...] = ("code", "paper")
+_VARIANT_MODES: dict[str, tuple[str, ...]] = {"lift3": ("random", "top", "bottom"), "lift2": ("top", "bottom")}
+
+
+def sample_rho(t_raw: torch.Tensor, *, dist: str = "code", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The extra mask ratio ρ of LIFT's superset view, per example (``[B]``).
+
+    ``dist="code"`` follows the authors' code: ρ ~ U(0.1, 1−t), or U(0, 1−t) when 1−t ≤ 0.1; ``"paper"`` is the
+    paper's ρ ~ U(0, 1−t). ``t_raw`` is t before the ε shift, as in their collator.
+    """
+    if dist not in RHO_DISTRIBUTIONS:
+        raise ValueError(f"rho distribution must be one of {RHO_DISTRIBUTIONS}, got {dist!r}.")
+    upper = 1.0 - t_raw
+    lower = torch.zeros_like(upper) if dist == "paper" else torch.where(upper <= 0.1, 0.0, 0.1).to(upper)
+    u = torch.rand(t_raw.shape, generator=generator, device=t_raw.device, dtype=t_raw.dtype)
+    return lower + (upper - lower) * u
+
+
+def choose_lift_modes(
+    t: torch.Tensor,
+    *,
+    variant: str = "lift3",
+    policy: str = "time",
+    vanilla_coef: float = 3.0,
+    generator: Optional[torch.Generator] = None,
+) -> list[str]:
+    """The LIFT mode of each example: ``"top"`` (most confident superset tokens), ``"bottom"`` (least confident) or
+    ``"random"`` (a uniform subset, the vanilla mode).
+
+    ``policy="time"`` takes the argmax of the scores: LIFT-3 scores (c·t(1−t), t, 1−t) for (random, top, bottom),
+    giving bottom below t = 1/3, random between, top above 2/3 for c = 3; LIFT-2 scores (t, 1−t) for (top, bottom).
+    Ties go to the first mode, as ``argmax`` does in the authors' code. ``policy="random"`` ignores t (ablation).
+    """
+    if variant not in LIFT_VARIANTS:
+        raise ValueError(f"LIFT variant must be one of {LIFT_VARIANTS}, got {variant!r}.")
+    if policy not in LIFT_POLICIES:
+        raise ValueError(f"LIFT policy must be one of {LIFT_POLICIES}, got {policy!r}.")
+    modes = _VARIANT_MODES[variant]
+    if policy == "random":
+        picks = torch.randint(len(modes), t.shape, generator=generator, device=t.device)
+    else:
+        tf = t.double()
+        scores = [tf, 1 - tf] if variant == "lift2" else [vanilla_coef * tf * (1 - tf), tf, 1 - tf]
+        picks = torch.stack(scores, dim=1).argmax(dim=1)
+    return [modes[i] for i in picks.tolist()]
+
+
+def _per_example_modes(mode: Union[str, list[str]], batch: int) -> list[str]:
+    modes = [mode] * batch if isinstance(mode, str) else list(mode)
+    if len(modes) != batch or any(m not in ("top", "bottom", "random") for m in modes):
+        raise ValueError(f"mode must be 'top', 'bottom' or 'random' (or one of them per example), got {mode!r}.")
+    return modes
+
+
+def lift_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor,
+    rho: torch.Tensor,
+    prompt_lengths: Union[torch.Tensor, list[int]],
+    *,
+    mode: Union[LiftMode, list[str]],
+    approximate: bool = False,
+    generator: Optional[torch.Generator] = None,
+    logits_positions: Optional[bool] = None,
+) -> torch.Tensor:
+    """LIFT's selection step and loss on a superset-masked batch.
+
+    Of the n superset-masked answer tokens of each example, k = round(n · t/(t+ρ)) are kept: by the model's own
+    confidence log p(x0 | superset view) from a no-grad forward (``"top"``: the most confident, ``"bottom"``: the
+    least), or uniformly at random (``"random"``: no scoring forward). The others are refilled with their true
+    tokens, so the trained view has mask ratio ≈ t, and the loss is LLaDA's ELBO on the kept tokens:
+    per example Σ CE / t / answer_len, averaged over the batch (for one example exactly the authors' loss). A NaRA
+    model gets λ = the realised mask ratio of each forward.
+
+    Args:
+        model: NaRA, LoRA or bare model (see `sft_loss`).
+        input_ids: ``[B, L]`` with the mask token at the superset positions.
+        labels: ``[B, L]`` the true token at the superset positions, -100 elsewhere.
+        t: ``[B]`` noise levels (after the ε shift); ``rho``: ``[B]`` the superset's extra ratio.
+        prompt_lengths: ``[B]``; the answer length is ``L - prompt_length``.
+        mode: ``"top"``, ``"bottom"`` or ``"random"``, or one of them per example (see `choose_lift_modes`).
+        approximate: Use the scoring forward (then run with gradients) for the loss too: one forward in all.
+        generator: Random source of the ``"random"`` mode.
+
+    Returns:
+        The scalar loss.
+    """
+    batch, seq_len = input_ids.shape
+    modes = _per_example_modes(mode, batch)
+    superset = labels != -100
+    targets = torch.where(superset, labels, input_ids)
+    answer_lengths = seq_len - torch.as_tensor(prompt_lengths, device=input_ids.device)
+    noise_conditioned = is_noise_conditioned(model)
+    n_superset = superset.sum(dim=1)
+
+    frac = (t / torch.clamp(t + rho, min=1e-3)).clamp(1e-3, 1.0)
+    k = (n_superset * frac).round().long()
+    is_random = torch.tensor([m == "random" for m in modes], device=input_ids.device)
+    # the authors' vanilla mode keeps at least one token; top/bottom-k may keep none
+    k = torch.where(is_random & (n_superset > 0), k.clamp(min=1), k).minimum(n_superset)
+
+    scores = torch.rand(superset.shape, generator=generator, device=input_ids.device)
+    superset_logits = None
+    if not all(m == "random" for m in modes):
+        lam = n_superset / answer_lengths if noise_conditioned else None
+        with torch.set_grad_enabled(approximate and torch.is_grad_enabled()):
+            superset_logits = logits_at(model, input_ids, superset, noise_level=lam, logits_positions=logits_positions)
+        with torch.no_grad():
+            gold = F.log_softmax(superset_logits.float(), dim=-1).gather(-1, targets[superset].unsqueeze(-1))
+            confidence = torch.zeros(superset.shape, device=input_ids.device).masked_scatter(superset, gold.squeeze(-1))
+        sign = torch.tensor([{"top": 1.0, "bottom": -1.0}.get(m, 0.0) for m in modes], device=input_ids.device)
+        scores = torch.where(is_random.unsqueeze(1), scores, confidence * sign.unsqueeze(1))
+    scores = scores.masked_fill(~superset, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(seq_len, device=order.device).expand_as(order))
+    keep = superset & (ranks < k.unsqueeze(1))
+
+    if approximate and superset_logits is not None:
+        logits = superset_logits[keep[superset]]
+    else:
+        train_ids = torch.where(superset & ~keep, targets, input_ids)
+        lam = keep.sum(dim=1) / answer_lengths if noise_conditioned else None
+        logits = logits_at(model, train_ids, keep, noise_level=lam, logits_positions=logits_positions)
+    return masked_diffusion_loss(logits, targets, keep, t, answer_lengths)
+
+
+def lift_sft_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lengths: Union[torch.Tensor, list[int]],
+    *,
+    mask_token_id: int,
+    generator: Optional[torch.Generator] = None,
+    eps: float = DEFAULT_EPS,
+    mode: MaskingMode = "uniform",
+    variant: str = "lift3",
+    policy: str = "time",
+    rho_dist: str = "code",
+    vanilla_coef: float = 3.0,
+    approximate: bool = False,
+    logits_positions: Optional[bool] = None,
+) -> torch.Tensor:
+    """One LIFT training step from clean sequences: t and ρ per example, the superset view with ratio t+ρ
+    (masked as ``mode`` says), the mode chosen by t (`choose_lift_modes`), then `lift_loss`."""
+    batch = input_ids.shape[0]
+    t_raw = torch.rand(batch, generator=generator, device=input_ids.device, dtype=torch.float64)
+    rho = sample_rho(t_raw, dist=rho_dist, generator=generator)
+    t = ((1 - eps) * t_raw + eps).float()
+    superset = mask_answers(
+        input_ids,
+        prompt_lengths,
+        mask_token_id=mask_token_id,
+        mode=mode,
+        t=(t + rho.float()).clamp(max=1.0),
+        generator=generator,
+    )
+    labels = input_ids.masked_fill(~superset.masked, -100)
+    modes = choose_lift_modes(t, variant=variant, policy=policy, vanilla_coef=vanilla_coef, generator=generator)
+    return lift_loss(
+        model,
+        superset.noisy_ids,
+        labels,
+        t,
+        rho.float(),
+        prompt_lengths,
+        mode=modes,
+        approximate=approximate,
+        generator=generator,
+        logits_positions=logits_positions,
+    )
+
+
+# -- GIFT: entropy-guided per-token mask rates (a baseline LIFT's authors compare with) ------------------------------
+def gift_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lengths: Union[torch.Tensor, list[int]],
+    *,
+    mask_token_id: int,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    eps: float = DEFAULT_EPS,
+    logits_positions: Optional[bool] = None,
+) -> torch.Tensor:
+    """GIFT, as implemented in LIFT's trainer: a no-grad forward on the fully masked response gives each token's
+    predictive entropy H_i; with β_i = √H_i the token is masked with probability t_i = 1 − (1−t)^(β_i / mean β)
+    and its CE is weighted 1/t_i; the loss is Σ CE/t_i / #masked per example, averaged over the batch.
+
+    Response tokens are the answer positions, minus padding when ``pad_token_id`` is given (the authors exclude
+    EOS padding). mean β is taken per example (the authors' batch-wide mean; equal for one example). An example
+    that draws no masked token masks its highest-t_i token. NaRA models get λ = the realised mask ratio.
+    """
+    batch, seq_len = input_ids.shape
+    prompts = torch.as_tensor(prompt_lengths, device=input_ids.device)
+    region = answer_region(prompts, seq_len)
+    answer_lengths = seq_len - prompts
+    response = region if pad_token_id is None else region & (input_ids != pad_token_id)
+    response = torch.where(response.any(dim=1, keepdim=True), response, region)  # an all-padding answer: use it all
+    noise_conditioned = is_noise_conditioned(model)
+    t = sample_t(batch, eps=eps, generator=generator, device=input_ids.device)
+
+    with torch.no_grad():
+        all_masked = input_ids.masked_fill(response, mask_token_id)
+        lam = response.sum(dim=1) / answer_lengths if noise_conditioned else None
+        logits = logits_at(model, all_masked, response, noise_level=lam, logits_positions=logits_positions).float()
+        log_probs = logits.log_softmax(dim=-1)
+        entropy = (-(log_probs.exp() * log_probs).sum(dim=-1)).clamp_min(0)
+        beta = torch.zeros(response.shape, device=input_ids.device).masked_scatter(response, entropy.sqrt())
+        mean_beta = (beta.sum(dim=1) / response.sum(dim=1)).clamp_min(1e-12)
+        t_tok = 1 - (1 - t.unsqueeze(1)) ** (beta / mean_beta.unsqueeze(1))
+        t_tok = t_tok.clamp_min(1e-6)
+        u = torch.rand(response.shape, generator=generator, device=input_ids.device)
+        masked = response & (u < t_tok)
+        fallback = torch.zeros_like(masked).scatter_(1, t_tok.masked_fill(~response, -1).argmax(1, keepdim=True), True)
+        masked = torch.where(masked.any(dim=1, keepdim=True), masked, fallback)
+
+    lam = masked.sum(dim=1) / answer_lengths if noise_conditioned else None
+    logits = logits_at(
+        model, input_ids.masked_fill(masked, mask_token_id), masked, noise_level=lam, logits_positions=logits_positions
+    )
+    token_ce = F.cross_entropy(logits.float(), input_ids[masked], reduction="none") / t_tok[masked]
+    rows = masked.nonzero()[:, 0]
+    summed = torch.zeros(batch, device=token_ce.device).index_add(0, rows, token_ce)
+    return (summed / masked.sum(dim=1)).mean()
