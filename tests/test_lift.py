@@ -97,7 +97,7 @@ def test_random_mode_keeps_a_random_subset_of_the_right_size_and_one_forward():
 
 
 def test_approximate_uses_one_forward_on_the_superset_view():
-    x0, strength, superset, ids, labels, prompt = _setup()
+    x0, strength, _superset, ids, labels, prompt = _setup()
     model = KnownConfidence(x0, strength)
     loss = lift_loss(
         model, ids, labels, torch.tensor([0.8]), torch.tensor([0.1]), [prompt], mode="top", approximate=True
