@@ -57,7 +57,9 @@ def test_gates_scale_the_branch_and_receive_gradients():
 
 
 def test_discretize_global_and_per_layer():
-    alphas = {f"layers.{i}.{m}": float(v) for i in range(3) for m, v in zip(("q", "k", "v"), torch.randn(3))}
+    alphas = {
+        f"layers.{i}.{m}": float(v) for i in range(3) for m, v in zip(("q", "k", "v"), torch.randn(3), strict=False)
+    }
     for rate in (0.2, 0.5, 1.0):
         kept = discretize(alphas, rate)
         assert len(kept) == math.ceil(rate * 9)
@@ -108,7 +110,7 @@ def test_lora_candidates_work_too():
     def loss(m, ids, gen):
         return m(ids).logits.pow(2).mean()
 
-    alphas, history = search(model, _batches(2, 0), _batches(2, 1), loss, steps=2, progress=False)
+    alphas, _history = search(model, _batches(2, 0), _batches(2, 1), loss, steps=2, progress=False)
     restrict_to(model, discretize(alphas, 0.5))
     assert len([m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]) == 4
     assert model.peft_config["default"].target_modules == discretize(alphas, 0.5)
