@@ -18,6 +18,7 @@ from .core import (
     get_adapter,
     get_nara_model,
     inject_nara,
+    is_nara_model,
     load_nara_model,
     noise_level,
     noise_level_from_mask,
@@ -27,6 +28,16 @@ from .core import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `nd.image` imports diffusers; load it on first use so that text-only users do not pay for it.
+    if name == "image":
+        import importlib
+
+        return importlib.import_module(".image", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "NaRAConfig",
@@ -38,7 +49,9 @@ __all__ = [
     "convert_reference_checkpoint",
     "get_adapter",
     "get_nara_model",
+    "image",
     "inject_nara",
+    "is_nara_model",
     "load_nara_model",
     "noise_level",
     "noise_level_from_mask",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -103,3 +105,84 @@ def tiny_chat_tokenizer(chat_template: bool = True, eos: bool = True):
     )
     tok.chat_template = CHAT_TEMPLATE if chat_template else None
     return tok
+
+
+# -- tiny diffusers pipelines (no downloads) ------------------------------------------------------------------
+SDXL_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sdxl_dreambooth"
+
+
+def _example_module(name: str):
+    """Import a script of examples/sdxl_dreambooth by path (the examples are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"sdxl_example_{name}", SDXL_EXAMPLE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """The tiny random SDXL pipeline of examples/sdxl_dreambooth/make_tiny_pipeline.py (tiny UNet with text_time
+    micro-conditioning, 8× VAE, two CLIP encoders, CLIP tokenizers from a small vocabulary written there)."""
+    pipe = _example_module("make_tiny_pipeline").build_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A tiny SD 1.5-style pipeline: one CLIP encoder, a UNet without added conditioning, DDIM sampling."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sdxl = tiny_sdxl_pipeline(seed)  # reuse its VAE and tokenizer
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(sdxl.tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=sdxl.tokenizer.model_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False
+    )
+    pipe = StableDiffusionPipeline(
+        vae=sdxl.vae,
+        text_encoder=text_encoder,
+        tokenizer=sdxl.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str = "a photo of sks toy", seed: int = 0, **kwargs):
+    """Three denoising steps at 64×64 with a fixed seed, as a numpy array ``[N, 64, 64, 3]``."""
+    options = {"num_inference_steps": 3, "height": 64, "width": 64, "output_type": "np", **kwargs}
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **options).images
+
+
+def perturb_nara_(*modules: nn.Module, scale: float = 0.3, seed: int = 1) -> None:
+    """`perturb_` over several modules (a pipeline's UNet and text encoders)."""
+    for i, module in enumerate(modules):
+        perturb_(module, scale=scale, seed=seed + i)

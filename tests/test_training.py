@@ -138,3 +138,27 @@ def test_config_file_and_overrides(tmp_path):
         load_config(TrainConfig, ["--lerning_rate", "2"])
     with pytest.raises(ValueError, match="epochs must be a int"):
         load_config(TrainConfig, ["--epochs", "two"])
+
+
+def test_constant_schedule_callbacks_and_a_given_optimizer(tmp_path):
+    seen = []
+    torch.manual_seed(0)
+    model = attach_adapter(TinyNet(), "nara", r=4, target_modules=["layers.0"], lora_dropout=0.0)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, grad_accum=1, max_steps=4, eval_every=0)
+    cfg.report_to, cfg.lr_schedule, cfg.warmup_ratio = "none", "constant", 0.75
+    trainer = Trainer(
+        model, cfg, _data(), None, _collate, _loss, optimizer=sgd, callbacks=[lambda t: seen.append(t.global_step)]
+    )
+    trainer.train()
+    assert seen == [1, 2, 3, 4]
+    assert _log(tmp_path, "train/lr") == pytest.approx([0.5 * 2 / 3, 0.5, 0.5, 0.5])  # warm-up over 3, then flat
+    cfg.lr_schedule = "cosine"
+    with pytest.raises(ValueError, match="lr_schedule must be one of linear, constant"):
+        Trainer(model, cfg, _data(), None, _collate, _loss)
+
+
+def test_bare_boolean_flags_mean_true():
+    assert load_config(TrainConfig, ["--resume", "--epochs", "3"]).resume is True
+    assert load_config(TrainConfig, ["--epochs", "3", "--gradient_checkpointing"]).gradient_checkpointing is True
+    assert load_config(TrainConfig, ["--resume", "false"]).resume is False

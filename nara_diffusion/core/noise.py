@@ -51,8 +51,12 @@ def _check_batch(tensor: torch.Tensor, batch_size: Optional[int], name: str) -> 
 
 
 def _check_range(tensor: torch.Tensor, high: float, name: str) -> None:
-    # One host sync for both checks; the boundary is the place to pay it.
     ok = torch.isfinite(tensor) & (tensor >= 0) & (tensor <= high)
+    if tensor.device.type != "cpu":
+        # No host sync on accelerators (it would stall every sampling step): the check runs on the device and
+        # fails the next synchronising call with this message.
+        torch._assert_async(ok.all(), f"{name} must be finite and in [0, {high:g}]")
+        return
     if not bool(ok.all()):
         bad = tensor[~ok][:4].tolist()
         raise NoiseLevelError(f"{name} must be finite and in [0, {high:g}], got values such as {bad}.")

@@ -313,6 +313,20 @@ def find_nara_tuner(model: nn.Module) -> NaRAModel:
     )
 
 
+def is_nara_model(model: nn.Module) -> bool:
+    """True when ``model`` carries NaRA (a PeftModel from `get_nara_model`, the tuner, or a model adapted in place
+    with `inject_nara`), also inside DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        try:
+            find_nara_tuner(model)
+            return True
+        except TypeError:
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            if not isinstance(inner, nn.Module):
+                return False
+            model = inner
+
+
 def get_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> NoiseConditionedAdapter:
     """The shared `NoiseConditionedAdapter` (hypernetwork) of ``adapter_name`` (default: the active adapter)."""
     tuner = find_nara_tuner(model)

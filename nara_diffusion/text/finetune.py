@@ -4,11 +4,21 @@
 
     from nara_diffusion.text.finetune import FinetuneConfig, run_finetune
     run_finetune(FinetuneConfig(model="GSAI-ML/LLaDA-8B-Instruct", dataset="math_14k.json", epochs=10))
+
+``adapter="multi-lora"`` with ``bins=K`` trains the paper's noise-bin baseline: K peft LoRA adapters, the k-th trained
+only on examples whose noise level t falls in its bin ((k−1)/K, k/K]. This is done by drawing t ~ U of the bin (above
+``mask_eps``) for adapter k, which is exactly the training distribution conditioned on t ∈ bin k (rejection sampling
+from t ~ U(ε, 1) would give the same examples, K times more slowly). The adapters are trained one after another, each
+a complete LoRA run with the full step budget (so K times the compute of one LoRA) in ``<output_dir>/noise_bin_<k>/``;
+``<output_dir>/final/`` (and ``best/``) then gather them as ``noise_bin_1 … noise_bin_K`` sub-folders, the layout
+`nara_diffusion.text.evaluation.load_adapter` loads and `nara_diffusion.text.generate` switches between.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,15 +27,18 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter
+from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
-from .data import collate_sft, load_sft_data
+from .data import SFTSplits, collate_sft, load_sft_data
 from .masking import DEFAULT_EPS, MASKING_MODES
 from .objectives import sft_loss
+from .sampler import noise_bin_name
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MULTI_LORA = "multi-lora"
+FINETUNE_ADAPTERS = (*ADAPTERS, MULTI_LORA)
 
 
 @dataclass
@@ -45,6 +58,7 @@ class FinetuneConfig(TrainConfig):
     val_size: int = 128
     val_seed: int = 42
     adapter: str = "nara"
+    bins: Optional[int] = None  # K, the number of noise bins, for adapter="multi-lora" only
     r: int = 32
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"])
     core_scale: float = 0.1
@@ -58,8 +72,20 @@ class FinetuneConfig(TrainConfig):
     def __post_init__(self) -> None:
         if not self.dataset:
             raise ValueError("No dataset: pass --dataset <file.json|file.jsonl|hub name>.")
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}.")
+        if self.adapter not in FINETUNE_ADAPTERS:
+            raise ValueError(f"adapter must be one of {', '.join(FINETUNE_ADAPTERS)}, got {self.adapter!r}.")
+        if self.adapter == MULTI_LORA:
+            if self.bins is None or self.bins < 1:
+                raise ValueError(
+                    f"adapter=multi-lora needs the number of noise bins: pass --bins K (K >= 1), got {self.bins}."
+                )
+            if self.mask_eps >= 1.0 / self.bins:
+                raise ValueError(
+                    f"With {self.bins} bins the first bin (0, {1 / self.bins:g}] lies below mask_eps={self.mask_eps}; "
+                    "use fewer bins or a smaller mask_eps."
+                )
+        elif self.bins is not None:
+            raise ValueError(f"bins applies only to adapter=multi-lora (adapter is {self.adapter!r}).")
         if self.masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {', '.join(MASKING_MODES)}, got {self.masking!r}.")
         if self.dtype not in DTYPES:
@@ -96,17 +122,46 @@ def load_base_model(name: str, dtype: str = "float32", load_in_4bit: bool = Fals
     return model, tokenizer
 
 
-def _masked_diffusion_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, *, mask_token_id: int, config: Any
+def sample_t_in_bin(
+    batch_size: int,
+    index: int,
+    num_bins: int,
+    *,
+    eps: float = DEFAULT_EPS,
+    generator: Optional[torch.Generator] = None,
+    device: Union[torch.device, str] = "cpu",
 ) -> torch.Tensor:
+    """t ~ U(max(ε, (k−1)/K), k/K) per example: noise levels of bin ``index`` = k (1-based) of K, ``[B]`` float32."""
+    low, high = max(eps, (index - 1) / num_bins), index / num_bins
+    source = generator.device if generator is not None else torch.device(device)
+    u = torch.rand((batch_size,), generator=generator, device=source, dtype=torch.float64).to(device)
+    return (low + (high - low) * u).float()
+
+
+def _masked_diffusion_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    *,
+    mask_token_id: int,
+    config: Any,
+    noise_bin: Optional[int] = None,
+) -> torch.Tensor:
+    ids = batch["input_ids"]
+    t = None
+    if noise_bin is not None:  # one adapter of a noise-bin set: only noise levels of its bin
+        t = sample_t_in_bin(
+            ids.shape[0], noise_bin, config.bins, eps=config.mask_eps, generator=generator, device=ids.device
+        )
     return sft_loss(
         model,
-        batch["input_ids"],
+        ids,
         batch["prompt_lengths"],
         mask_token_id=mask_token_id,
         generator=generator,
         eps=config.mask_eps,
         mode=config.masking,
+        t=t,
     ).loss
 
 
@@ -137,6 +192,8 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    if config.adapter == MULTI_LORA:
+        return _run_noise_bins(config, model, tokenizer, splits, mask_token_id)
     options: dict[str, Union[float, str]] = {}
     if config.adapter.startswith("nara"):
         options["core_scale"] = config.core_scale
@@ -162,3 +219,61 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         model.print_trainable_parameters()
     logger.info("%d training / %d validation examples", len(splits.train), len(splits.val or []))
     return trainer.train()
+
+
+def _run_noise_bins(
+    config: FinetuneConfig, model: nn.Module, tokenizer: Any, splits: SFTSplits, mask_token_id: int
+) -> TrainResult:
+    """Train the K LoRA adapters of a noise-bin set one after another (see the module docstring)."""
+    root = Path(config.output_dir)
+    results: list[TrainResult] = []
+    for index in range(1, config.bins + 1):
+        name = noise_bin_name(index)
+        resume = config.resume and (root / name / "state").is_dir()  # a bin not started yet starts afresh
+        bin_config = dataclasses.replace(config, output_dir=str(root / name), resume=resume)
+        peft_model = attach_adapter(
+            model,
+            "lora",
+            r=config.r,
+            target_modules=config.target_modules,
+            lora_dropout=config.lora_dropout,
+            scaling=config.scaling,
+        )
+        logger.info(
+            "noise bin %d/%d: t in (%g, %g]", index, config.bins, (index - 1) / config.bins, index / config.bins
+        )
+        trainer = Trainer(
+            peft_model,
+            bin_config,
+            splits.train,
+            splits.val,
+            collate_sft,
+            partial(_masked_diffusion_step, mask_token_id=mask_token_id, config=config, noise_bin=index),
+            save_fn=partial(_save_with_tokenizer, tokenizer=tokenizer),
+        )
+        results.append(trainer.train())
+        model = peft_model.unload()  # the untouched base again, for the next bin
+    if trainer.accelerator.is_main_process:
+        _gather_bins(root / "final", [r.final_dir for r in results], tokenizer)
+        if all(r.best_dir is not None for r in results):
+            _gather_bins(root / "best", [r.best_dir for r in results], tokenizer)
+    trainer.accelerator.wait_for_everyone()
+    losses = [r.best_val_loss for r in results]
+    best = (root / "best") if all(r.best_dir is not None for r in results) else None
+    return TrainResult(
+        global_step=sum(r.global_step for r in results),
+        best_val_loss=None if None in losses else sum(losses) / len(losses),  # equal-width bins: the mean is E_t
+        final_dir=root / "final",
+        best_dir=best,
+    )
+
+
+def _gather_bins(folder: Path, sources: list[Path], tokenizer: Any) -> None:
+    """Write ``folder/noise_bin_<k>/`` (a copy of bin k's adapter folder) for every k, plus the tokenizer."""
+
+    def fill(tmp: Path) -> None:
+        for index, source in enumerate(sources, start=1):
+            shutil.copytree(source, tmp / noise_bin_name(index))
+        tokenizer.save_pretrained(tmp)
+
+    write_atomically(folder, fill)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nara_diffusion.core.tuner import NaRAModel
+from nara_diffusion.core.tuner import is_nara_model
 
 from .masking import DEFAULT_EPS, MaskedBatch, MaskingMode, answer_region, mask_answers, sample_t
 
@@ -43,11 +43,10 @@ def _unwrap_parallel(model: nn.Module) -> nn.Module:
 def is_noise_conditioned(model: nn.Module) -> bool:
     """True when ``model`` carries a NaRA adapter, i.e. its forward takes ``noise_level=``.
 
-    Sees through DDP / FSDP / DataParallel wrappers and ``torch.compile``. A peft LoRA model or a bare model
-    gives False.
+    Covers NaRA PeftModels and models adapted in place (`nd.inject_nara`), through DDP / FSDP / DataParallel
+    wrappers and ``torch.compile``. A peft LoRA model or a bare model gives False.
     """
-    model = _unwrap_parallel(model)
-    return isinstance(model, NaRAModel) or isinstance(getattr(model, "base_model", None), NaRAModel)
+    return is_nara_model(_unwrap_parallel(model))
 
 
 def supports_logits_positions(model: nn.Module) -> bool:

@@ -3,14 +3,17 @@
 from .adapters import ADAPTERS, attach_adapter
 from .checkpoint import write_atomically
 from .config import TrainConfig, load_config
-from .loop import Trainer, TrainResult, linear_warmup_decay
+from .loop import LR_SCHEDULES, Trainer, TrainResult, build_accelerator, constant_after_warmup, linear_warmup_decay
 
 __all__ = [
     "ADAPTERS",
+    "LR_SCHEDULES",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "attach_adapter",
+    "build_accelerator",
+    "constant_after_warmup",
     "linear_warmup_decay",
     "load_config",
     "write_atomically",

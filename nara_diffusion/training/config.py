@@ -37,6 +37,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     warmup_ratio: float = 0.05
+    lr_schedule: str = "linear"  # after the warm-up: "linear" decay to 0, or "constant"
     eval_every: int = 64  # updates between validation losses and checkpoints; 0 disables
     mixed_precision: Optional[str] = None  # "no" | "fp16" | "bf16"; None: what `accelerate config` says
     gradient_checkpointing: bool = False
@@ -89,7 +90,9 @@ def load_config(cls: type[T], argv: Optional[Sequence[str]] = None, description:
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
     for name in fields:
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper())
+        # A bare boolean flag (``--with_prior_preservation``) means true, as with argparse's store_true.
+        flag = {"nargs": "?", "const": "true"} if hints[name] is bool else {}
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper(), **flag)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown arguments {unknown}; valid fields: {', '.join(sorted(fields))}")

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -77,6 +77,33 @@ def linear_warmup_decay(total: int, warmup_ratio: float) -> Callable[[int], floa
     return factor
 
 
+def constant_after_warmup(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_ratio·total`` updates, then constant (diffusers' ``constant``)."""
+    warmup = max(1, math.ceil(warmup_ratio * total)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        return (step + 1) / warmup if step < warmup else 1.0
+
+    return factor
+
+
+LR_SCHEDULES = {"linear": linear_warmup_decay, "constant": constant_after_warmup}
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """The `Accelerator` a `Trainer` builds from ``config`` (accumulation, mixed precision, trackers, project dir).
+
+    Build it yourself when work must run on the right device before the Trainer exists (e.g. generating
+    DreamBooth class images), and hand it to the Trainer.
+    """
+    return Accelerator(
+        gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=config.mixed_precision,
+        log_with=_tracker(config.report_to),
+        project_dir=str(config.output_dir),
+    )
+
+
 def _noise_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
@@ -106,7 +133,11 @@ class Trainer:
         collate_fn: Builds a batch from a list of examples.
         loss_fn: ``loss_fn(model, batch, generator)`` → scalar loss.
         save_fn: Writes the trained weights to a folder (default: ``model.save_pretrained``).
-        accelerator: An `Accelerator` to use (default: one built from the config).
+        accelerator: An `Accelerator` to use (default: `build_accelerator(config)`).
+        optimizer: An optimizer over the model's trainable parameters (default: AdamW with the config's settings),
+            e.g. bitsandbytes' 8-bit AdamW or one with parameter groups; the schedule scales every group's lr.
+        callbacks: Called as ``callback(trainer)`` after every optimizer update (``trainer.global_step`` is the
+            number of updates done), on every process; e.g. periodic validation images.
     """
 
     def __init__(
@@ -119,31 +150,31 @@ class Trainer:
         loss_fn: LossFn,
         save_fn: Callable[[nn.Module, Path], None] = default_save,
         accelerator: Optional[Accelerator] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        callbacks: Sequence[Callable[[Trainer], None]] = (),
     ) -> None:
         if len(train_dataset) == 0:
             raise ValueError("The training set is empty; check the dataset and max_length.")
+        if config.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}.")
         self.config, self.loss_fn, self.save_fn = config, loss_fn, save_fn
+        self.callbacks = list(callbacks)
         self.output_dir = Path(config.output_dir)
-        report_to = _tracker(config.report_to)
-        self.accelerator = accelerator or Accelerator(
-            gradient_accumulation_steps=config.grad_accum,
-            mixed_precision=config.mixed_precision,
-            log_with=report_to,
-            project_dir=str(self.output_dir),
-        )
+        self.accelerator = accelerator or build_accelerator(config)
         set_seed(config.seed)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("The model has no trainable parameters; attach an adapter or choose full fine-tuning.")
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(
+                params,
+                lr=config.learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_eps,
+                weight_decay=config.weight_decay,
+            )
         self.sampler = EpochShuffleSampler(len(train_dataset), config.seed)
         loader = DataLoader(
             train_dataset,
@@ -162,7 +193,7 @@ class Trainer:
         self.total_updates = config.max_steps or config.epochs * self.updates_per_epoch
         # Stepped by hand once per update; accelerate's wrapper would step once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_warmup_decay(self.total_updates, config.warmup_ratio)
+            self.optimizer, LR_SCHEDULES[config.lr_schedule](self.total_updates, config.warmup_ratio)
         )
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
@@ -290,6 +321,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{train_loss:.4f}")
                 if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                     self._checkpoint()
+                for callback in self.callbacks:
+                    callback(self)
                 if self.global_step >= self.total_updates:
                     break
             else:

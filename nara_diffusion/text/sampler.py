@@ -1,0 +1,709 @@
+"""LLaDA's reverse process (the semi-autoregressive masked-diffusion sampler), with the noise level λ a NaRA adapter
+needs at every step, and the noise-bin (Multi-LoRA) baseline that switches adapters by λ.
+
+    out = generate(model, input_ids, gen_length=256, steps=256, block_length=8)    # [B, P + 256]
+
+The canvas is the prompt followed by ``gen_length`` mask tokens. The generation region is cut into blocks of
+``block_length`` filled left to right; each block gets ``steps / num_blocks`` steps. A step is one forward pass over
+the whole canvas (two halves of one doubled batch under classifier-free guidance); a proposal x0 is drawn for every
+position of the current block (greedy, or exact Gumbel-max sampling at ``temperature``), and the still-masked
+positions with the highest confidence are committed, as many as LLaDA's linear schedule prescribes
+(``transfer_schedule``), or, with ``threshold``, every one above τ (at least one). Committed tokens and the prompt never
+change again. With ``till_eos``, an example whose finished block holds EOS decodes one more block, is filled with
+EOS to the end and drops out of the batch.
+
+λ is recomputed before each forward from the current canvas (`canvas_noise_level`), per example, on the device:
+
+- ``"generation"`` (default): #[MASK] in the generation region / ``gen_length``. Training draws t over the answer
+  region, so this is the quantity an adapter learned λ as (the NaRA authors' ``direct_noise=True``).
+- ``"sequence"``: #[MASK] / #positions of the whole sequence (prompt included, padding excluded): the default of
+  the authors' lm-eval wrapper (``direct_noise=False``).
+- ``"block"``: #[MASK] in the current block / ``block_length``, for adapters trained with a blockwise process.
+
+A NaRA model receives it as ``noise_level=λ``; a LoRA or base model is called without it. A peft model whose
+adapters are named ``noise_bin_1 … noise_bin_K`` is the noise-bin baseline: before each forward the adapter of bin
+⌈λ·K⌉ (clamped to [1, K]) is made active, rows of different bins going through separate forwards. The bin is taken
+from the exact fraction in integers, so λ = 3/5 with K = 5 is bin 3 (float rounding would give 4).
+
+With temperature 0, no adapter and the same settings, the tokens are those of LLaDA's reference ``generate()``.
+Differences by design: ties in confidence go to the lower position (a stable sort; ``torch.topk`` leaves them
+unspecified); confidence is computed in float32 from the logits of the current block only (the reference takes the
+softmax over the whole canvas in the model's dtype); Gumbel noise is drawn for the current block only, so sampled
+outputs (temperature > 0) follow the same distribution but not the reference's random stream; and
+``suppress_tokens`` ranks the suppressed candidates last, where LLaDA's ``confidence_eos_eot_inf`` sets EoT's logit to
+-∞ before the softmax (which also renormalises the other tokens' confidence).
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Optional
+
+import peft
+import torch
+from torch import nn
+
+from .objectives import _unwrap_parallel, is_noise_conditioned, supports_logits_positions
+
+NoiseRule = Literal["generation", "sequence", "block"]
+Remasking = Literal["low_confidence", "random"]
+NOISE_RULES: tuple[str, ...] = ("generation", "sequence", "block")
+REMASKING: tuple[str, ...] = ("low_confidence", "random")
+NOISE_BIN_PREFIX = "noise_bin_"
+_NOISE_BIN_RE = re.compile(rf"^{NOISE_BIN_PREFIX}(\d+)$")
+# Confidence given to suppressed candidates: below any probability (and any U[0, 1) draw), above non-candidates.
+_SUPPRESSED = -1.0
+
+
+# -- noise levels -------------------------------------------------------------------------------------------------
+class MaskRatio(NamedTuple):
+    """λ per example as an exact fraction ``masked / total`` (both ``[B]`` long), so noise bins are exact."""
+
+    masked: torch.Tensor
+    total: torch.Tensor
+
+    def value(self) -> torch.Tensor:
+        """``[B]`` float32 λ = masked / total."""
+        return self.masked.float() / self.total.float()
+
+    def bin(self, num_bins: int) -> torch.Tensor:
+        """``[B]`` long noise bin ⌈λ·K⌉ clamped to [1, K], computed in integers."""
+        return torch.div(self.masked * num_bins + self.total - 1, self.total, rounding_mode="floor").clamp(1, num_bins)
+
+    def subset(self, rows: torch.Tensor) -> MaskRatio:
+        return MaskRatio(self.masked[rows], self.total[rows])
+
+
+def canvas_noise_level(
+    canvas: torch.Tensor,
+    rule: NoiseRule,
+    *,
+    mask_token_id: int,
+    gen_start: int,
+    block: tuple[int, int],
+    valid: Optional[torch.Tensor] = None,
+) -> MaskRatio:
+    """The noise level of each canvas under ``rule``, computed on the device (no host synchronisation).
+
+    Args:
+        canvas: ``[B, L]`` token ids; the generation region is ``canvas[:, gen_start:]``.
+        rule: ``"generation"``, ``"sequence"`` or ``"block"`` (see the module docstring).
+        mask_token_id: The mask token.
+        gen_start: Width of the (left-padded) prompt.
+        block: ``(start, end)`` columns of the current block.
+        valid: ``[B, L]`` bool, the non-padding positions (``"sequence"`` counts only these); None: all.
+
+    Returns:
+        `MaskRatio` with ``[B]`` numerators and denominators.
+    """
+    batch, length = canvas.shape
+    if rule == "generation":
+        region = canvas[:, gen_start:]
+    elif rule == "block":
+        region = canvas[:, block[0] : block[1]]
+    elif rule == "sequence":
+        is_mask = canvas == mask_token_id
+        if valid is None:
+            return MaskRatio(is_mask.sum(1), torch.full((batch,), length, device=canvas.device))
+        return MaskRatio((is_mask & valid).sum(1), valid.sum(1))
+    else:
+        raise ValueError(f"noise_rule must be one of {NOISE_RULES}, got {rule!r}.")
+    masked = (region == mask_token_id).sum(1)
+    return MaskRatio(masked, torch.full_like(masked, region.shape[1]))
+
+
+def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
+    """Tokens committed at each step of a block under LLaDA's linear schedule: ``⌊m/S⌋ + [i < m mod S]``."""
+    base, extra = divmod(block_length, steps_per_block)
+    return [base + (i < extra) for i in range(steps_per_block)]
+
+
+# -- noise-bin adapter sets ---------------------------------------------------------------------------------------
+def noise_bin_name(index: int) -> str:
+    """Adapter name of noise bin ``index`` (1-based): ``noise_bin_<index>``."""
+    return f"{NOISE_BIN_PREFIX}{index}"
+
+
+def noise_bin_index(name: str) -> Optional[int]:
+    """The bin k of an adapter named ``noise_bin_<k>``, else None."""
+    match = _NOISE_BIN_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def noise_bin_count(model: nn.Module) -> Optional[int]:
+    """K when ``model`` is a peft model carrying the noise-bin adapters ``noise_bin_1 … noise_bin_K``, else None.
+
+    Raises:
+        ValueError: some bins are present but the set is incomplete (a missing or a zero bin).
+    """
+    model = _unwrap_parallel(model)
+    config = getattr(model, "peft_config", None) if isinstance(model, peft.PeftModel) else None
+    if not config:
+        return None
+    found = {k for name in config if (k := noise_bin_index(name)) is not None}
+    if not found:
+        return None
+    count = max(found)
+    missing = sorted(set(range(1, count + 1)) - found)
+    if missing or 0 in found:
+        raise ValueError(
+            f"Incomplete noise-bin adapter set: adapters {sorted(found)} are loaded, so bins 1..{count} are expected "
+            f"but {[noise_bin_name(i) for i in (missing or [0])]} "
+            f"{'is missing' if missing else 'is not a valid bin'}. Load every bin (noise_bin_1 … noise_bin_K)."
+        )
+    return count
+
+
+# -- the model call -------------------------------------------------------------------------------------------------
+class Denoiser:
+    """Calls a masked-diffusion LM the way its adapter needs, for the sampler and the likelihood estimator.
+
+    A NaRA model gets ``noise_level=λ``; a noise-bin set gets the adapter of each row's bin; a LoRA or base model
+    gets neither. Logits are computed only at the requested positions when the model supports
+    ``logits_positions`` (native LLaDA does). Use it as a context manager: inside, the model is in eval mode; on
+    exit its mode (and, for noise-bin sets, the active adapter and which parameters require grad) is restored.
+
+    Attributes:
+        noise_conditioned: The model takes ``noise_level=``.
+        num_bins: K of a noise-bin set, else None.
+        needs_noise_level: Either of the two: λ must be computed before each forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.noise_conditioned = is_noise_conditioned(model)
+        self.num_bins = noise_bin_count(model)
+        self.needs_noise_level = self.noise_conditioned or self.num_bins is not None
+        self.logits_positions = supports_logits_positions(model)
+        self._active: Optional[str] = None
+        self._saved: Optional[tuple[bool, Any, dict[str, bool]]] = None
+
+    def __enter__(self) -> Denoiser:
+        inner = _unwrap_parallel(self.model)
+        grads = {n: p.requires_grad for n, p in inner.named_parameters()} if self.num_bins else {}
+        self._saved = (self.model.training, getattr(inner, "active_adapter", None), grads)
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        training, adapter, grads = self._saved
+        inner = _unwrap_parallel(self.model)
+        if self.num_bins and adapter is not None:
+            inner.set_adapter(adapter)
+            for name, param in inner.named_parameters():
+                param.requires_grad_(grads.get(name, param.requires_grad))
+        self._active = None
+        self.model.train(training)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        noise: Optional[MaskRatio] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits at ``positions``.
+
+        Args:
+            input_ids: ``[B, L]``.
+            positions: ``[B, L]`` bool; result rows follow ``positions.nonzero()`` (row-major).
+            noise: λ per row (required when `needs_noise_level`).
+            attention_mask: ``[B, L]`` or None.
+
+        Returns:
+            ``[N, V]`` logits, N = ``positions.sum()``.
+        """
+        if self.needs_noise_level and noise is None:
+            raise ValueError("This model is conditioned on the noise level; pass noise=MaskRatio(...).")
+        lam = noise.value() if self.noise_conditioned else None
+        if self.num_bins is None:
+            return self._forward(input_ids, positions, lam, attention_mask)
+        bins = noise.bin(self.num_bins)
+        present = sorted(set(bins.tolist()))  # host sync: switching adapters is a host operation
+        if len(present) == 1:
+            self.use_bin(present[0])
+            return self._forward(input_ids, positions, lam, attention_mask)
+        pos_rows = positions.nonzero()[:, 0]
+        out: Optional[torch.Tensor] = None
+        for index in present:
+            rows = (bins == index).nonzero().squeeze(1)
+            self.use_bin(index)
+            logits = self._forward(
+                input_ids[rows],
+                positions[rows],
+                None if lam is None else lam[rows],
+                None if attention_mask is None else attention_mask[rows],
+            )
+            if out is None:
+                out = logits.new_empty((pos_rows.numel(), logits.shape[-1]))
+            out[bins[pos_rows] == index] = logits
+        return out
+
+    def use_bin(self, index: int) -> None:
+        """Make the adapter of noise bin ``index`` (1-based) active, if it is not already."""
+        name = noise_bin_name(index)
+        if name != self._active:
+            _unwrap_parallel(self.model).set_adapter(name, inference_mode=True)
+            self._active = name
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        lam: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if lam is not None:
+            kwargs["noise_level"] = lam
+        if self.logits_positions:
+            kwargs["logits_positions"] = positions
+        logits = self.model(input_ids, **kwargs).logits
+        return logits[positions] if logits.dim() == 3 else logits
+
+
+# -- one step -------------------------------------------------------------------------------------------------------
+def gumbel_argmax(
+    logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """A draw from ``softmax(logits / temperature)`` per position by the Gumbel-max trick in float64.
+
+    argmax ``exp(l) / (−log u)^T`` (LLaDA's form) is computed as argmax ``l − T·log(−log u)``, which is the same
+    draw without overflow. ``temperature`` 0 is the plain argmax. ``logits``: ``[..., V]`` → ``[...]`` long.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = _uniform(logits.shape, generator, logits.device, torch.float64)
+    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
+
+
+def _uniform(
+    shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    source = generator.device if generator is not None else device
+    return torch.rand(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
+
+
+def propose(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    remasking: Remasking = "low_confidence",
+    suppress_tokens: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposed tokens x0 and their confidence.
+
+    Args:
+        logits: ``[B, Lb, V]`` float logits of the current block (banned tokens already at −∞).
+        temperature: 0 for greedy, else Gumbel-max sampling at that temperature.
+        remasking: ``"low_confidence"``: softmax probability of x0 under the un-noised logits; ``"random"``: U(0, 1).
+        suppress_tokens: ``[K]`` long; a proposal of one of these tokens gets confidence −1 (ranked last).
+        generator: Random source for sampling and random confidence.
+
+    Returns:
+        ``(x0 [B, Lb] long, confidence [B, Lb] float)``.
+    """
+    x0 = gumbel_argmax(logits, temperature, generator)
+    if remasking == "low_confidence":
+        confidence = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence = _uniform(x0.shape, generator, x0.device, logits.dtype)
+    if suppress_tokens is not None and suppress_tokens.numel():
+        confidence = confidence.masked_fill(torch.isin(x0, suppress_tokens), _SUPPRESSED)
+    return x0, confidence
+
+
+def select_transfer(
+    confidence: torch.Tensor, candidates: torch.Tensor, k: Optional[int], threshold: Optional[float] = None
+) -> torch.Tensor:
+    """Which candidates to commit: the ``k`` most confident (ties → lower position), or with ``threshold`` every
+    candidate with confidence ≥ τ plus the most confident one. ``confidence``, ``candidates``: ``[B, Lb]`` →
+    ``[B, Lb]`` bool."""
+    confidence = confidence.masked_fill(~candidates, float("-inf"))
+    if threshold is None:
+        order = confidence.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        chosen = torch.zeros_like(candidates).scatter_(1, order, True)
+    else:
+        chosen = (confidence >= threshold).scatter_(1, confidence.argmax(1, keepdim=True), True)
+    return chosen & candidates
+
+
+# -- the canvas -----------------------------------------------------------------------------------------------------
+@dataclass
+class _Canvas:
+    """The rows still being generated, and the output they are written back to when they finish."""
+
+    x: torch.Tensor  # [n, L] current canvases
+    attention_mask: Optional[torch.Tensor]  # [n, L], None when no row is padded
+    rows: torch.Tensor  # [n] rows of `out`
+    uncond_prompt: Optional[torch.Tensor]  # [n, P] the prompt with its real tokens masked (CFG only)
+    pending: torch.Tensor  # [n] bool: EOS seen in an earlier block, decoding the one extra block
+    out: torch.Tensor  # [B, L]
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.out[self.rows[~keep]] = self.x[~keep]
+        self.x, self.rows, self.pending = self.x[keep], self.rows[keep], self.pending[keep]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[keep]
+        if self.uncond_prompt is not None:
+            self.uncond_prompt = self.uncond_prompt[keep]
+
+    def result(self) -> torch.Tensor:
+        self.out[self.rows] = self.x
+        return self.out
+
+
+def _start_canvas(
+    input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], gen_length: int, mask_id: int, cfg: bool
+) -> _Canvas:
+    batch, width = input_ids.shape
+    gen = torch.full((batch, gen_length), mask_id, dtype=torch.long, device=input_ids.device)
+    x = torch.cat([input_ids.long(), gen], dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones_like(gen, dtype=attention_mask.dtype)], dim=1)
+    uncond = None
+    if cfg:  # LLaDA's unsupervised CFG: the unconditional half sees the prompt as masks
+        real = attention_mask[:, :width].bool() if attention_mask is not None else torch.ones_like(input_ids).bool()
+        uncond = input_ids.long().masked_fill(real, mask_id)
+    rows = torch.arange(batch, device=x.device)
+    pending = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    return _Canvas(x, attention_mask, rows, uncond, pending, x.clone())
+
+
+@dataclass(frozen=True)
+class _Settings:
+    width: int
+    gen_length: int
+    block_length: int
+    num_blocks: int
+    schedule: list[int]
+    temperature: float
+    cfg_scale: float
+    remasking: str
+    noise_rule: str
+    threshold: Optional[float]
+    mask_id: int
+    eos_id: Optional[int]
+    till_eos: bool
+
+
+def _model_inputs(
+    canvas: _Canvas, s: _Settings, block: tuple[int, int], needs_noise: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[MaskRatio]]:
+    """(input ids, attention mask, λ) of one forward: the canvas, or [canvas; unconditional canvas] under CFG."""
+    ids, attn = canvas.x, canvas.attention_mask
+    if canvas.uncond_prompt is not None:
+        ids = torch.cat([ids, torch.cat([canvas.uncond_prompt, canvas.x[:, s.width :]], dim=1)])
+        attn = None if attn is None else torch.cat([attn, attn])
+    noise = None
+    if needs_noise:
+        valid = None if attn is None else attn.bool()
+        noise = canvas_noise_level(
+            ids, s.noise_rule, mask_token_id=s.mask_id, gen_start=s.width, block=block, valid=valid
+        )
+    return ids, attn, noise
+
+
+def _step(
+    canvas: _Canvas,
+    denoise: Denoiser,
+    s: _Settings,
+    block: tuple[int, int],
+    k: Optional[int],
+    banned: Optional[torch.Tensor],
+    suppress: Optional[torch.Tensor],
+    generator: Optional[torch.Generator],
+) -> None:
+    """One reverse step on every active row: forward, propose, commit in place."""
+    start, end = block
+    ids, attn, noise = _model_inputs(canvas, s, block, denoise.needs_noise_level)
+    positions = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    positions[:, start:end] = True
+    logits = denoise(ids, positions, noise, attn).view(ids.shape[0], end - start, -1).float()
+    if canvas.uncond_prompt is not None:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + (s.cfg_scale + 1.0) * (cond - uncond)
+    if banned is not None:
+        logits[..., banned] = float("-inf")
+    x0, confidence = propose(
+        logits, temperature=s.temperature, remasking=s.remasking, suppress_tokens=suppress, generator=generator
+    )
+    current = canvas.x[:, start:end]
+    candidates = current == s.mask_id
+    chosen = select_transfer(confidence, candidates, k, s.threshold)
+    canvas.x[:, start:end] = torch.where(chosen, x0, current)
+
+
+def _block_steps(s: _Settings, canvas: _Canvas, block: tuple[int, int]) -> Iterator[Optional[int]]:
+    """The per-step commit counts of a block; with a threshold, steps until every row's block is filled."""
+    if s.threshold is None:
+        yield from s.schedule
+        return
+    for _ in itertools.count():
+        if not bool((canvas.x[:, block[0] : block[1]] == s.mask_id).any()):
+            return
+        yield None
+
+
+def _end_block(canvas: _Canvas, s: _Settings, block: tuple[int, int]) -> bool:
+    """Early termination after a block: rows that were decoding their extra block are filled with EOS and leave.
+    Returns True when no row is left."""
+    finished = canvas.pending
+    canvas.pending = (canvas.x[:, block[0] : block[1]] == s.eos_id).any(1) & ~finished
+    if bool(finished.any()):  # one host sync per block
+        canvas.x[finished, block[1] :] = s.eos_id
+        canvas.keep(~finished)
+    return canvas.x.shape[0] == 0
+
+
+# -- the sampler ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    gen_length: int,
+    steps: int,
+    block_length: Optional[int] = None,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: Remasking = "low_confidence",
+    till_eos: Optional[bool] = None,
+    noise_rule: NoiseRule = "generation",
+    attention_mask: Optional[torch.Tensor] = None,
+    threshold: Optional[float] = None,
+    suppress_tokens: Sequence[int] = (),
+    banned_tokens: Sequence[int] = (),
+    mask_token_id: Optional[int] = None,
+    eos_token_id: Optional[int] = None,
+    max_length: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Generate with LLaDA's reverse process; returns the whole sequences (prompt + generation), as LLaDA does.
+
+    Args:
+        model: A masked-diffusion LM (native LLaDA or anything returning ``.logits``), bare or with a NaRA, LoRA
+            or noise-bin adapter set (see the module docstring).
+        input_ids: ``[B, P]`` prompts, left-padded when their lengths differ.
+        gen_length: Tokens to generate, G.
+        steps: Reverse steps in all, split evenly across blocks; at most ``gen_length``.
+        block_length: Semi-autoregressive block size; must divide ``gen_length``. None: one block (pure diffusion).
+        temperature: 0: greedy; > 0: exact sampling from softmax(logits / T) by Gumbel-max (float64).
+        cfg_scale: Unsupervised classifier-free guidance: ``un + (cfg + 1)·(cond − un)``, the unconditional half
+            seeing the prompt as masks (one doubled batch).
+        remasking: ``"low_confidence"`` (commit the most probable proposals first) or ``"random"``.
+        till_eos: Block-wise early termination: once a finished block of an example contains EOS, decode one more
+            block, fill the rest with EOS and stop that example. None: on for NaRA models (the authors' harness),
+            off otherwise (LLaDA's sampler).
+        noise_rule: How λ is read off the canvas: ``"generation"``, ``"sequence"`` or ``"block"``.
+        attention_mask: ``[B, P]``, 1 for prompt tokens and 0 for left padding; extended with ones over the
+            generation. None: no padding.
+        threshold: Confidence-threshold parallel decoding (Fast-dLLM): each step commits every candidate with
+            confidence ≥ τ and at least one; a block takes as many steps as it needs (at most ``block_length``), and
+            ``steps`` only has to pass validation.
+        suppress_tokens: Token ids whose proposals are ranked last (LLaDA's EOS/EoT confidence suppression).
+        banned_tokens: Token ids never proposed (logits set to −∞; LLaDA's ``logits_eos_inf``). The mask token is
+            never proposed either: committed, it would stay masked and the block would not fill (a trained LLaDA
+            never predicts it, so this changes nothing there).
+        mask_token_id, eos_token_id: Default: ``model.config.mask_token_id`` / ``eos_token_id``.
+        max_length: Longest sequence the model takes. Default: ``model.config.max_sequence_length`` (or
+            ``max_position_embeddings``); None there: unchecked.
+        generator: Random source for sampling and random remasking.
+
+    Returns:
+        ``[B, P + G]`` long token ids on the model's device.
+
+    Raises:
+        ValueError: ``gen_length`` not divisible by ``block_length``, ``steps`` not divisible by the number of
+            blocks or larger than ``gen_length``, an empty prompt, a prompt that with ``gen_length`` exceeds the
+            model's maximum length, the mask token inside a prompt, padding not on the left, an unknown option, a
+            noise-bin adapter set with a missing bin.
+    """
+    config = getattr(model, "config", None)
+    mask_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError("No mask token: pass mask_token_id= (the model's config has no mask_token_id).")
+    eos_id = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    if isinstance(eos_id, (list, tuple)):  # some configs list several EOS ids: the first one ends and fills
+        eos_id = eos_id[0] if eos_id else None
+    input_ids, attention_mask = _check_prompts(input_ids, attention_mask, int(mask_id))
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    limit = max_length if max_length is not None else _model_max_length(config)
+    denoise = Denoiser(model)
+    if till_eos is None:
+        till_eos = denoise.noise_conditioned and eos_id is not None
+    settings = _check_settings(
+        width=input_ids.shape[1],
+        gen_length=gen_length,
+        steps=steps,
+        block_length=gen_length if block_length is None else block_length,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
+        remasking=remasking,
+        noise_rule=noise_rule,
+        threshold=threshold,
+        mask_id=int(mask_id),
+        eos_id=None if eos_id is None else int(eos_id),
+        till_eos=bool(till_eos),
+        max_length=limit,
+    )
+    banned = _id_tensor([*banned_tokens, settings.mask_id], device)  # a committed [MASK] would stay masked
+    suppress = _id_tensor(suppress_tokens, device)
+    canvas = _start_canvas(input_ids, attention_mask, settings.gen_length, settings.mask_id, settings.cfg_scale > 0)
+    with denoise:
+        for b in range(settings.num_blocks):
+            block = (settings.width + b * settings.block_length, settings.width + (b + 1) * settings.block_length)
+            for k in _block_steps(settings, canvas, block):
+                _step(canvas, denoise, settings, block, k, banned, suppress, generator)
+            if settings.till_eos and _end_block(canvas, settings, block):
+                break
+    return canvas.result()
+
+
+# -- validation -----------------------------------------------------------------------------------------------------
+def _check_prompts(
+    input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], mask_id: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor of shape [batch, prompt_length], got {shape}.")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"Empty prompt (input_ids has shape {tuple(input_ids.shape)}): give at least one prompt token, e.g. "
+            "the chat template's BOS and user turn."
+        )
+    real = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}."
+            )
+        real = attention_mask.to(input_ids.device).bool()
+        if bool((real[:, 1:] < real[:, :-1]).any()):
+            raise ValueError(
+                "Padding must be on the left (tokenizer.padding_side = 'left'): the generation is appended after the "
+                "last column, so a right-padded prompt would be followed by padding."
+            )
+        empty = (~real.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"Empty prompt: rows {empty} of attention_mask hold no token.")
+        if bool(real.all()):
+            attention_mask = None  # no padding: plain attention (SDPA may pick its fastest kernel)
+    bad = ((input_ids == mask_id) & real).nonzero().tolist()
+    if bad:
+        raise ValueError(
+            f"The mask token ({mask_id}) appears inside the prompt at (row, position) {bad[:5]}; a prompt must be "
+            "clean text (the sampler would treat those positions as still to generate)."
+        )
+    return input_ids, attention_mask
+
+
+def _check_settings(
+    *,
+    width: int,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    max_length: Optional[int],
+    temperature: float,
+    cfg_scale: float,
+    remasking: str,
+    noise_rule: str,
+    threshold: Optional[float],
+    **rest: Any,
+) -> _Settings:
+    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if gen_length % block_length:
+        raise ValueError(
+            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}): the generation is cut "
+            "into whole blocks."
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps ({steps}) must be divisible by the number of blocks (gen_length / block_length = {num_blocks}), "
+            "since each block gets the same number of steps."
+        )
+    if steps > gen_length:
+        raise ValueError(
+            f"steps ({steps}) exceeds gen_length ({gen_length}): every step commits at least one token; use "
+            f"steps <= {gen_length} (steps = gen_length is one token per step)."
+        )
+    if max_length is not None and width + gen_length > max_length:
+        raise ValueError(
+            f"The prompt ({width} tokens) plus gen_length ({gen_length}) is {width + gen_length} tokens, more than "
+            f"the model's maximum length {max_length}; shorten the prompt or gen_length."
+        )
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
+    if not (cfg_scale >= 0 and cfg_scale != float("inf")):
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (0 disables guidance), got {cfg_scale!r}.")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}.")
+    if noise_rule not in NOISE_RULES:
+        raise ValueError(f"noise_rule must be one of {NOISE_RULES}, got {noise_rule!r}.")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1] (a confidence), got {threshold!r}.")
+    if rest["till_eos"] and rest["eos_id"] is None:
+        raise ValueError("till_eos needs the EOS token: pass eos_token_id= (the model's config has none).")
+    return _Settings(
+        width=width,
+        gen_length=int(gen_length),
+        block_length=int(block_length),
+        num_blocks=int(num_blocks),
+        schedule=transfer_schedule(int(block_length), int(steps // num_blocks)),
+        temperature=float(temperature),
+        cfg_scale=float(cfg_scale),
+        remasking=remasking,
+        noise_rule=noise_rule,
+        threshold=threshold,
+        **rest,
+    )
+
+
+def _id_tensor(ids: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
+    ids = [int(i) for i in ids if i is not None]
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _model_max_length(config: Any) -> Optional[int]:
+    for name in ("max_sequence_length", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+__all__ = [
+    "NOISE_BIN_PREFIX",
+    "NOISE_RULES",
+    "REMASKING",
+    "Denoiser",
+    "MaskRatio",
+    "canvas_noise_level",
+    "generate",
+    "gumbel_argmax",
+    "noise_bin_count",
+    "noise_bin_index",
+    "noise_bin_name",
+    "propose",
+    "select_transfer",
+    "transfer_schedule",
+]
