@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,3 +129,89 @@ def test_a_model_without_mask_token_is_rejected(tmp_path):
     BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
     with pytest.raises(ValueError, match="not a masked-diffusion LM"):
         nd.text.load_base_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--objective", "lift"],
+        ["--objective", "lift", "--approximate", "true", "--lift_variant", "lift2"],
+        ["--objective", "gift"],
+        ["--adapter", "lora", "--objective", "lift"],
+    ],
+)
+def test_lift_and_gift_objectives_run_end_to_end(tiny_base, tmp_path, extra):
+    done = _run(
+        [
+            sys.executable,
+            str(EXAMPLES / "finetune.py"),
+            "--model",
+            str(tiny_base),
+            "--dataset",
+            str(DATA),
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "3",
+            "--eval_every",
+            "0",
+            *SMALL,
+            *extra,
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [row["train/loss"] for row in _log(tmp_path) if "train/loss" in row]
+    assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
+
+
+def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, tmp_path):
+    done = _run(
+        [
+            sys.executable,
+            str(EXAMPLES / "finetune.py"),
+            "--model",
+            str(tiny_base),
+            "--dataset",
+            str(DATA),
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--eval_every",
+            "0",
+            *SMALL,
+            "--select",
+            "diffora",
+            "--sample_rate",
+            "0.5",
+            "--search_steps",
+            "3",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dam = json.loads((tmp_path / "diffora.json").read_text())
+    assert len(dam["alphas"]) == 8 and len(dam["kept"]) == 4  # 2 blocks × 4 targets, half kept
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(dam["kept"])
+    model = nd.load_nara_model(nd.text.LLaDAModelLM.from_pretrained(tiny_base), tmp_path / "final")
+    adapted = sorted(
+        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, nd.NaRALinear)
+    )
+    assert adapted == sorted(dam["kept"])
+    bad = _run(
+        [
+            sys.executable,
+            str(EXAMPLES / "finetune.py"),
+            "--model",
+            str(tiny_base),
+            "--dataset",
+            str(DATA),
+            "--output_dir",
+            str(tmp_path / "bad"),
+            "--select",
+            "diffora",
+            "--sample_rate",
+            "1.5",
+        ]
+    )
+    assert bad.returncode != 0 and "sample_rate must be in (0, 1]" in bad.stderr

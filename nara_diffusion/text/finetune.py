@@ -17,6 +17,7 @@ a complete LoRA run with the full step budget (so K times the compute of one LoR
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -27,17 +28,19 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..selection.diffora import DiffoRAResult, discretize, restrict_to, save_dam, search
 from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
 from .data import SFTSplits, collate_sft, load_sft_data
 from .masking import DEFAULT_EPS, MASKING_MODES
-from .objectives import sft_loss
+from .objectives import gift_loss, lift_sft_loss, sft_loss
 from .sampler import noise_bin_name
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTI_LORA = "multi-lora"
+OBJECTIVES = ("vanilla", "lift", "gift")
 FINETUNE_ADAPTERS = (*ADAPTERS, MULTI_LORA)
 
 
@@ -68,6 +71,20 @@ class FinetuneConfig(TrainConfig):
     mask_eps: float = DEFAULT_EPS
     dtype: str = "float32"
     load_in_4bit: bool = False
+    # Which tokens are supervised: "vanilla" (LLaDA's SFT), "lift" or "gift" (see text/objectives.py).
+    objective: str = "vanilla"
+    lift_variant: str = "lift3"
+    lift_policy: str = "time"
+    lift_rho: str = "code"
+    lift_vanilla_coef: float = 3.0
+    approximate: bool = False
+    # Which modules get an adapter: None (all targets) or "diffora" (see nara_diffusion/selection/diffora.py).
+    select: Optional[str] = None
+    sample_rate: float = 0.5
+    select_scope: str = "global"
+    search_steps: int = 50
+    search_holdout: float = 0.2
+    alpha_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -86,6 +103,18 @@ class FinetuneConfig(TrainConfig):
                 )
         elif self.bins is not None:
             raise ValueError(f"bins applies only to adapter=multi-lora (adapter is {self.adapter!r}).")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+        if self.objective != "vanilla" and self.adapter == MULTI_LORA:
+            raise ValueError("adapter=multi-lora trains each bin on its own noise levels; use objective=vanilla.")
+        if self.select not in (None, "diffora"):
+            raise ValueError(f"select must be 'diffora' or none, got {self.select!r}.")
+        if self.select and self.adapter not in ("nara", "nara-c", "lora"):
+            raise ValueError(f"select=diffora chooses modules for an adapter; it does not apply to {self.adapter!r}.")
+        if self.select:
+            discretize({"probe": 0.0}, self.sample_rate, self.select_scope)  # validates both options
+            if not 0 < self.search_holdout < 1:
+                raise ValueError(f"search_holdout must be in (0, 1), got {self.search_holdout}.")
         if self.masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {', '.join(MASKING_MODES)}, got {self.masking!r}.")
         if self.dtype not in DTYPES:
@@ -148,6 +177,31 @@ def _masked_diffusion_step(
     noise_bin: Optional[int] = None,
 ) -> torch.Tensor:
     ids = batch["input_ids"]
+    if config.objective == "lift":
+        return lift_sft_loss(
+            model,
+            ids,
+            batch["prompt_lengths"],
+            mask_token_id=mask_token_id,
+            generator=generator,
+            eps=config.mask_eps,
+            mode=config.masking,
+            variant=config.lift_variant,
+            policy=config.lift_policy,
+            rho_dist=config.lift_rho,
+            vanilla_coef=config.lift_vanilla_coef,
+            approximate=config.approximate,
+        )
+    if config.objective == "gift":
+        return gift_loss(
+            model,
+            ids,
+            batch["prompt_lengths"],
+            mask_token_id=mask_token_id,
+            pad_token_id=config_pad_token_id(model),
+            generator=generator,
+            eps=config.mask_eps,
+        )
     t = None
     if noise_bin is not None:  # one adapter of a noise-bin set: only noise levels of its bin
         t = sample_t_in_bin(
@@ -206,13 +260,16 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         scaling=config.scaling,
         **options,
     )
+    loss_fn = partial(_masked_diffusion_step, mask_token_id=mask_token_id, config=config)
+    if config.select == "diffora":
+        _select_modules(model, splits, loss_fn, config)
     trainer = Trainer(
         model,
         config,
         splits.train,
         splits.val,
         collate_sft,
-        partial(_masked_diffusion_step, mask_token_id=mask_token_id, config=config),
+        loss_fn,
         save_fn=partial(_save_with_tokenizer, tokenizer=tokenizer),
     )
     if trainer.accelerator.is_main_process and hasattr(model, "print_trainable_parameters"):
@@ -277,3 +334,59 @@ def _gather_bins(folder: Path, sources: list[Path], tokenizer: Any) -> None:
         tokenizer.save_pretrained(tmp)
 
     write_atomically(folder, fill)
+
+
+def config_pad_token_id(model: nn.Module) -> Optional[int]:
+    """The padding id of a (possibly wrapped) model's config, which GIFT leaves out of the response."""
+    config = getattr(model, "config", None)
+    return getattr(config, "pad_token_id", None)
+
+
+def _select_modules(model: nn.Module, splits: SFTSplits, loss_fn: Any, config: FinetuneConfig) -> None:
+    """DiffoRA before the main run: search on a held-out split of the training set, keep the top modules.
+
+    Every process runs the same deterministic search; the main process's kept list is broadcast so that all agree,
+    and DDP then copies the main process's (inherited) weights to the others. On ``--resume`` the kept list is
+    read back from ``diffora.json`` instead of searching again.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from torch.utils.data import DataLoader, Subset
+
+    dam = Path(config.output_dir) / "diffora.json"
+    if config.resume and dam.is_file():
+        restrict_to(model, json.loads(dam.read_text())["kept"])
+        return
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    cut = max(1, round(config.search_holdout * len(order)))
+    if cut >= len(order):
+        raise ValueError("The training set is too small to hold out data for the DiffoRA search.")
+    loaders = [
+        DataLoader(Subset(splits.train, part), batch_size=config.batch_size, shuffle=False, collate_fn=collate_sft)
+        for part in (order[cut:], order[:cut])
+    ]
+    state = PartialState()
+    device_loss = partial(_on_device, loss_fn=loss_fn, device=state.device)
+    model.to(state.device)
+    alphas, history = search(
+        model,
+        *loaders,
+        device_loss,
+        steps=config.search_steps,
+        adapter_lr=config.learning_rate,
+        alpha_lr=config.alpha_lr,
+        seed=config.seed,
+        progress=state.is_local_main_process,
+    )
+    kept = [discretize(alphas, config.sample_rate, config.select_scope)]
+    if state.num_processes > 1:
+        broadcast_object_list(kept)
+    restrict_to(model, kept[0])
+    result = DiffoRAResult(alphas, kept[0], config.sample_rate, config.select_scope, history)
+    if state.is_main_process:
+        save_dam(result, config.output_dir)
+    logger.info("DiffoRA kept %d of %d modules", len(result.kept), len(alphas))
+
+
+def _on_device(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, *, loss_fn, device):
+    return loss_fn(model, {k: v.to(device) for k, v in batch.items()}, generator)
