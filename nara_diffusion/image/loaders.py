@@ -1,0 +1,493 @@
+"""NaRA adapters in diffusers pipelines: the load / save / unload vocabulary of diffusers' LoRA loaders.
+
+The folder mirrors diffusers' LoRA folder (``pytorch_lora_weights.safetensors``)::
+
+    my-nara/
+      nara_weights.safetensors   every tensor, keys prefixed by component: ``unet.<module>.nara_A.weight`` (r × d_in),
+                                 ``unet.<module>.nara_B.weight`` (d_out × r), ``unet.nara_hypernet.<…>`` (the shared
+                                 hypernetwork, with the Fourier buffer ``embedding.W``), the same under
+                                 ``text_encoder.`` / ``text_encoder_2.`` when the text encoders were adapted
+      nara_config.json           {"format": "nara-diffusers", "version": 1, "unet": {NaRAConfig}, "text_encoder": …}
+
+The config is also stored in the safetensors header (key ``nara_config``), so the weights file alone is enough,
+as with diffusers' LoRA metadata. Adapter names are not stored: they are given when loading.
+
+Use it three ways::
+
+    pipe = nd.image.NaRAStableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
+    pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(...))  # any stock pipeline
+    pipe.load_nara_weights("my-nara")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import re
+import types
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..core import NaRAConfig, NaRALinear, NoiseConditionedAdapter
+from ..training import write_atomically
+from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
+from .unet import TimestepMap, adapter_names, add_nara, nara_tuner, needs_noise_level, remove_nara
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_NAME = "nara_weights.safetensors"
+CONFIG_NAME = "nara_config.json"
+METADATA_KEY = "nara_config"
+FORMAT, FORMAT_VERSION = "nara-diffusers", 1
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+PathOrDict = Union[str, Path, dict[str, torch.Tensor]]
+
+
+class NaRALoadError(ValueError):
+    """NaRA weights that cannot be loaded into this pipeline (nothing was changed)."""
+
+
+# -- state dicts --------------------------------------------------------------------------------------------
+def nara_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors of one NaRA adapter of ``model``, keyed without the adapter name.
+
+    Returns:
+        ``{"<module>.nara_A.weight": [r, d_in], "<module>.nara_B.weight": [d_out, r], "nara_hypernet.<…>": …}``.
+    """
+    tuner = nara_tuner(model)
+    if tuner is None:
+        raise ValueError(f"{type(model).__name__} carries no NaRA adapter (attach one with nd.image.add_nara).")
+    name = adapter_name or tuner.active_adapters[0]
+    if name not in tuner.nara_hypernet:
+        raise KeyError(f"No NaRA adapter named {name!r}; available: {list(tuner.nara_hypernet)}.")
+    out: dict[str, torch.Tensor] = {}
+    layer = re.compile(rf"^(.*\.nara_[AB])\.{re.escape(name)}\.(weight)$")
+    hyper = f"nara_hypernet.{name}."
+    for key, tensor in model.state_dict().items():
+        if key.startswith(hyper):
+            out["nara_hypernet." + key[len(hyper) :]] = tensor
+        elif match := layer.match(key):
+            out[f"{match.group(1)}.{match.group(2)}"] = tensor
+    return out
+
+
+def _config_to_dict(config: NaRAConfig) -> dict[str, Any]:
+    raw = config.to_dict()
+    raw["hidden_dims"] = list(raw["hidden_dims"])
+    raw.pop("inference_mode", None)
+    return raw
+
+
+def _config_from_dict(raw: dict[str, Any], where: str) -> NaRAConfig:
+    if raw.get("peft_type", "NARA") != "NARA":
+        raise NaRALoadError(f"{where} describes a {raw.get('peft_type')!r} adapter, not NaRA.")
+    known = {f.name for f in dataclasses.fields(NaRAConfig) if f.init}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        logger.warning("Ignoring unknown keys in %s: %s", where, unknown)
+    return NaRAConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def save_nara_weights(
+    save_directory: Union[str, Path],
+    unet: Optional[nn.Module] = None,
+    text_encoder: Optional[nn.Module] = None,
+    text_encoder_2: Optional[nn.Module] = None,
+    *,
+    adapter_name: Optional[str] = None,
+    is_main_process: bool = True,
+) -> Path:
+    """Write the NaRA adapters of the given components to ``save_directory`` (atomically).
+
+    Args:
+        save_directory: The folder to write (replaced if it exists).
+        unet, text_encoder, text_encoder_2: Components carrying NaRA (attached with `add_nara`); at least one.
+        adapter_name: Which adapter to save (default: each component's active one).
+        is_main_process: Only the main process writes (as with diffusers' ``save_lora_weights``).
+
+    Returns:
+        The folder.
+    """
+    parts = {n: m for n, m in zip(COMPONENTS, (unet, text_encoder, text_encoder_2), strict=True) if m is not None}
+    if not parts:
+        raise ValueError("Pass at least one of unet=, text_encoder=, text_encoder_2= (modules carrying NaRA).")
+    folder = Path(save_directory)
+    if not is_main_process:
+        return folder
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
+    for prefix, model in parts.items():
+        tuner = nara_tuner(model)
+        if tuner is None:
+            raise ValueError(f"{prefix} carries no NaRA adapter; attach one with nd.image.add_nara first.")
+        name = adapter_name or tuner.active_adapters[0]
+        for key, tensor in nara_state_dict(model, name).items():
+            tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
+        configs[prefix] = _config_to_dict(tuner.peft_config[name])
+    text = json.dumps(configs, indent=2, sort_keys=True)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHT_NAME), metadata={"format": "pt", METADATA_KEY: text})
+        (tmp / CONFIG_NAME).write_text(text + "\n")
+
+    return write_atomically(folder, write)
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def _resolve(path: Union[str, Path], weight_name: Optional[str], hub_kwargs: dict[str, Any]) -> tuple[Path, Path]:
+    """(weights file, config file next to it) for a folder, a weights file or a Hub repo id."""
+    path = Path(path)
+    name = weight_name or WEIGHT_NAME
+    subfolder = hub_kwargs.pop("subfolder", None)
+    local = path / subfolder if subfolder else path
+    if local.is_dir():
+        return local / name, local / CONFIG_NAME
+    if local.is_file():
+        return local, local.parent / CONFIG_NAME
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith((".", "/")):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        weights = Path(hf_hub_download(str(path), name, subfolder=subfolder, **hub_kwargs))
+        try:
+            config = Path(hf_hub_download(str(path), CONFIG_NAME, subfolder=subfolder, **hub_kwargs))
+        except EntryNotFoundError:
+            config = weights.parent / CONFIG_NAME
+        return weights, config
+    raise FileNotFoundError(f"No NaRA weights at {path}: not a folder, a {WEIGHT_NAME} file, or a Hub repo id.")
+
+
+def read_nara_weights(
+    path_or_dict: PathOrDict,
+    configs: Optional[dict[str, NaRAConfig]] = None,
+    *,
+    weight_name: Optional[str] = None,
+    **hub_kwargs: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, NaRAConfig]]:
+    """Read a NaRA adapter: ``({"unet.<key>": tensor, …}, {"unet": NaRAConfig, …})``.
+
+    Args:
+        path_or_dict: A folder written by `save_nara_weights`, its ``nara_weights.safetensors``, a Hub repo id, or
+            a state dict with ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` keys (then give ``configs``).
+        configs: The configs per component, for a state dict (or to override those stored with the weights).
+        weight_name: File name inside the folder (default ``nara_weights.safetensors``).
+        **hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for the Hub.
+    """
+    if isinstance(path_or_dict, dict):
+        if not configs:
+            raise NaRALoadError(
+                "A state dict carries no NaRA config: pass configs={'unet': NaRAConfig(...), ...}, or load the "
+                "folder written by save_nara_weights."
+            )
+        return dict(path_or_dict), dict(configs)
+    weights_path, config_path = _resolve(path_or_dict, weight_name, dict(hub_kwargs))
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"No {weights_path.name} in {weights_path.parent}; was it written by save_nara_weights?"
+        )
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise NaRALoadError(f"{weights_path} is truncated or corrupt ({err}); save the adapter again.") from err
+    if configs:
+        return state, dict(configs)
+    if config_path.is_file():
+        text, where = config_path.read_text(), str(config_path)
+    elif METADATA_KEY in metadata:
+        text, where = metadata[METADATA_KEY], f"the header of {weights_path}"
+    else:
+        raise FileNotFoundError(f"No {CONFIG_NAME} beside {weights_path} and no NaRA config in its header.")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise NaRALoadError(f"{where} is not valid JSON ({err}).") from err
+    if raw.get("format") != FORMAT:
+        raise NaRALoadError(f"{where} is not a NaRA pipeline adapter config (format {raw.get('format')!r}).")
+    return state, {c: _config_from_dict(raw[c], f"{where} [{c}]") for c in COMPONENTS if c in raw}
+
+
+def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in COMPONENTS and rest:
+            parts.setdefault(prefix, {})[rest] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise NaRALoadError(f"Keys without a unet./text_encoder./text_encoder_2. prefix: {unknown[:5]}.")
+    return parts
+
+
+def _expected_shapes(model: nn.Module, config: NaRAConfig) -> dict[str, tuple[int, ...]]:
+    """Every key (without adapter name) an adapter of ``config`` on ``model`` holds, with its shape."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for key, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, NaRALinear)) or ".nara_" in key or key.endswith(".base_layer"):
+            continue
+        if not check_target_module_exists(config, key):
+            continue
+        expected[f"{key}.nara_A.weight"] = (config.r, module.in_features)
+        expected[f"{key}.nara_B.weight"] = (module.out_features, config.r)
+    with torch.random.fork_rng(devices=[]):  # the Fourier buffer is drawn at random; keep the caller's RNG
+        hypernet = NoiseConditionedAdapter(config).state_dict()
+    expected.update({f"nara_hypernet.{k}": tuple(v.shape) for k, v in hypernet.items()})
+    return expected
+
+
+def check_fits(model: nn.Module, config: NaRAConfig, state: dict[str, torch.Tensor], component: str) -> None:
+    """Raise `NaRALoadError` unless ``state`` is exactly what an adapter of ``config`` on ``model`` holds."""
+    expected = _expected_shapes(model, config)
+    problems = [
+        f"{k}: shape {tuple(v.shape)} in the file, {expected[k]} in this {component}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    problems += [f"{k}: no such NaRA tensor in this {component}" for k in state if k not in expected]
+    problems += [f"{k}: missing from the file" for k in expected if k not in state]
+    if problems:
+        shown = "\n  ".join(problems[:8]) + ("\n  …" if len(problems) > 8 else "")
+        raise NaRALoadError(
+            f"These NaRA weights do not fit the pipeline's {component} (made for another model, or another "
+            f"config?); nothing was changed:\n  {shown}"
+        )
+
+
+def _free_name(models: list[nn.Module], wanted: Optional[str]) -> str:
+    taken = {n for m in models for n in adapter_names(m)}
+    if wanted is not None:
+        if wanted in taken:
+            raise NaRALoadError(f"An adapter named {wanted!r} is already loaded; choose another adapter_name.")
+        return wanted
+    name, i = "default", 0
+    while name in taken:
+        i += 1
+        name = f"default_{i}"
+    return name
+
+
+def _load_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    mapped = {}
+    for key, tensor in state.items():
+        if key.startswith("nara_hypernet."):
+            mapped[f"nara_hypernet.{name}.{key[len('nara_hypernet.') :]}"] = tensor
+        else:
+            stem, _, leaf = key.rpartition(".")
+            mapped[f"{stem}.{name}.{leaf}"] = tensor
+    result = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in result.missing_keys if f".{name}." in k and "nara_" in k]
+    if missing or result.unexpected_keys:
+        raise NaRALoadError(f"Loading left NaRA tensors unset {missing[:5]} or unused {result.unexpected_keys[:5]}.")
+
+
+# -- the mixin ----------------------------------------------------------------------------------------------
+class _pipeline_or_class_method:
+    """Bind to the instance when called on one, else to the class (``pipe.f()`` and ``Pipeline.f()``)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return types.MethodType(self.fn, obj if obj is not None else objtype)
+
+
+class NaRALoaderMixin:
+    """``load_nara_weights`` / ``save_nara_weights`` / ``unload_nara_weights`` / ``set_nara_scale`` for pipelines.
+
+    Mix it into any diffusers pipeline whose denoiser is a ``unet`` (SDXL, SD 1.5, SD 2.x and their img2img /
+    inpainting variants), or give an existing pipeline these methods with `enable_nara_loading`.
+    """
+
+    nara_loadable_components = COMPONENTS
+
+    def _nara_components(self) -> dict[str, nn.Module]:
+        return {n: m for n in self.nara_loadable_components if (m := getattr(self, n, None)) is not None}
+
+    def load_nara_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: PathOrDict,
+        adapter_name: Optional[str] = None,
+        *,
+        timestep_to_noise_level: Optional[TimestepMap] = None,
+        configs: Optional[dict[str, NaRAConfig]] = None,
+        weight_name: Optional[str] = None,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load NaRA weights into the pipeline's UNet (and text encoders) and make them the active adapter.
+
+        Every tensor is checked against the pipeline's modules before anything changes; on any error the
+        pipeline is left as it was.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: A folder from `save_nara_weights` (or a training run's
+                ``final/``), its weights file, a Hub repo id, or a state dict (with ``configs``).
+            adapter_name: Name of the adapter (default ``"default"``, then ``"default_1"``, ...).
+            timestep_to_noise_level: The custom timestep → λ map the adapter was trained with, if any.
+            configs: Configs per component, for a state dict.
+            weight_name: File name inside the folder.
+            **hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only``.
+
+        Raises:
+            FileNotFoundError: nothing at the path.
+            NaRALoadError (a ValueError): damaged file, unknown component, or weights that do not fit.
+        """
+        state, configs = read_nara_weights(
+            pretrained_model_name_or_path_or_dict, configs, weight_name=weight_name, **hub_kwargs
+        )
+        parts = _split(state)
+        models = self._nara_components()
+        for component in sorted(set(parts) | set(configs)):
+            if component not in parts or component not in configs:
+                raise NaRALoadError(
+                    f"The adapter has {'a config' if component in configs else 'weights'} for "
+                    f"{component} but no {'weights' if component in configs else 'config'}."
+                )
+            if component not in models:
+                raise NaRALoadError(f"The adapter has weights for {component}, which this pipeline lacks.")
+        custom = timestep_to_noise_level is not None
+        for component, config in configs.items():
+            if config.noise_input == "mask_ratio" and not custom:
+                raise NaRALoadError(
+                    f"The {component} adapter was trained with a custom timestep → λ map (noise_input='mask_ratio');"
+                    " pass the same map as timestep_to_noise_level=."
+                )
+            if config.noise_input == "timestep" and custom:
+                raise NaRALoadError(f"The {component} adapter reads λ = t/T; it takes no timestep_to_noise_level.")
+            check_fits(models[component], config, parts[component], component)
+        name = _free_name([models[c] for c in parts], adapter_name)
+        scheduler = getattr(self, "scheduler", None)
+        scheduler_t = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+        if "unet" in configs and scheduler_t is not None and scheduler_t != configs["unet"].num_train_timesteps:
+            logger.warning(
+                "The adapter was trained with num_train_timesteps=%d but the pipeline's scheduler has %d; "
+                "λ = t/%d is used as trained.",
+                configs["unet"].num_train_timesteps,
+                scheduler_t,
+                configs["unet"].num_train_timesteps,
+            )
+        done: list[tuple[nn.Module, bool]] = []
+        try:
+            for component in parts:
+                model, config = models[component], dataclasses.replace(configs[component], inference_mode=True)
+                had_adapter = nara_tuner(model) is not None
+                add_nara(model, config, name, timestep_to_noise_level=timestep_to_noise_level)
+                done.append((model, had_adapter))
+                _load_tensors(model, parts[component], name)
+                nara_tuner(model).set_adapter(name, inference_mode=True)
+        except BaseException:
+            for model, had_adapter in done:
+                if had_adapter:
+                    nara_tuner(model).delete_adapter(name)
+                else:
+                    remove_nara(model)
+            raise
+        self._sync_prompt_encoding()
+
+    @_pipeline_or_class_method
+    def save_nara_weights(
+        self_or_cls: Any,
+        save_directory: Union[str, Path],
+        unet: Optional[nn.Module] = None,
+        text_encoder: Optional[nn.Module] = None,
+        text_encoder_2: Optional[nn.Module] = None,
+        *,
+        adapter_name: Optional[str] = None,
+        is_main_process: bool = True,
+    ) -> Path:
+        """Write NaRA weights as ``nara_weights.safetensors`` + ``nara_config.json``.
+
+        On a pipeline with no components given, saves every component that carries NaRA; on the class (as in
+        training scripts), pass the modules: ``Pipeline.save_nara_weights(path, unet=unet)``.
+        """
+        given = (unet, text_encoder, text_encoder_2)
+        if all(m is None for m in given) and isinstance(self_or_cls, NaRALoaderMixin):
+            carried = {n: m for n, m in self_or_cls._nara_components().items() if nara_tuner(m) is not None}
+            given = tuple(carried.get(n) for n in COMPONENTS)
+        return save_nara_weights(save_directory, *given, adapter_name=adapter_name, is_main_process=is_main_process)
+
+    def unload_nara_weights(self) -> None:
+        """Remove every NaRA adapter from the pipeline: its modules compute exactly what they did before."""
+        disable_per_step_prompt_encoding(self)
+        for model in self._nara_components().values():
+            if nara_tuner(model) is not None:
+                remove_nara(model)
+
+    def set_nara_scale(self, scale: float) -> None:
+        """Multiply the low-rank branch of every loaded NaRA adapter by ``scale`` (absolute: 1.0 restores the
+        trained strength, 0.0 gives the base model's output)."""
+        for model in self._nara_components().values():
+            tuner = nara_tuner(model)
+            if tuner is None:
+                continue
+            for module in model.modules():
+                if isinstance(module, NaRALinear):
+                    for name in module.scaling:
+                        module.scaling[name] = tuner.peft_config[name].effective_scaling * float(scale)
+
+    def set_nara_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active NaRA adapter of every component that has it."""
+        found = False
+        for model in self._nara_components().values():
+            if adapter_name in adapter_names(model):
+                nara_tuner(model).set_adapter(adapter_name, inference_mode=True)
+                found = True
+        if not found:
+            raise KeyError(f"No NaRA adapter named {adapter_name!r}; loaded: {self.get_nara_adapters()}.")
+        self._sync_prompt_encoding()
+
+    def get_nara_adapters(self) -> dict[str, list[str]]:
+        """The NaRA adapters loaded per component, e.g. ``{"unet": ["default"]}``."""
+        return {n: names for n, m in self._nara_components().items() if (names := adapter_names(m))}
+
+    def _sync_prompt_encoding(self) -> None:
+        text_encoders = [m for n, m in self._nara_components().items() if n != "unet"]
+        if any(needs_noise_level(te) for te in text_encoders):
+            enable_per_step_prompt_encoding(self)
+        else:
+            disable_per_step_prompt_encoding(self)
+
+
+class NaRAStableDiffusionXLPipeline(NaRALoaderMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` with `NaRALoaderMixin`: ``from_pretrained`` it as usual, then
+    ``pipe.load_nara_weights(path)``."""
+
+
+class NaRAStableDiffusionPipeline(NaRALoaderMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` (SD 1.5 / 2.x) with `NaRALoaderMixin`."""
+
+
+_WITH_NARA: dict[type, type] = {}
+
+
+def enable_nara_loading(pipe: Any) -> Any:
+    """Give an already built diffusers pipeline the `NaRALoaderMixin` methods, in place; returns it.
+
+    ``pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(...))``. The pipeline's
+    class becomes a subclass of its own class with the mixin (same name and module, so ``isinstance`` checks,
+    ``save_pretrained`` and ``from_pipe`` behave as before).
+    """
+    cls = type(pipe)
+    if isinstance(pipe, NaRALoaderMixin):
+        return pipe
+    if getattr(pipe, "unet", None) is None:
+        raise TypeError(f"{cls.__name__} has no unet; NaRA pipeline loading supports UNet pipelines.")
+    if cls not in _WITH_NARA:
+        _WITH_NARA[cls] = type(
+            cls.__name__, (NaRALoaderMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        )
+    pipe.__class__ = _WITH_NARA[cls]
+    return pipe
