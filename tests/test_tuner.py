@@ -229,3 +229,30 @@ def test_bf16_base_model_keeps_fp32_adapters_and_bf16_outputs():
     assert out.dtype == torch.bfloat16
     out.float().pow(2).mean().backward()
     assert nd.get_adapter(model).generator.layers[0].weight.grad is not None
+
+
+def test_scale_hooks_diffusers_calls_rescale_the_branch():
+    model = nd.get_nara_model(TinyNet(), nd.NaRAConfig(r=3, target_modules=["layers.0"], lora_dropout=0.0)).eval()
+    perturb_(model)
+    x = torch.randn(2, 12)
+    with model.disable_adapter():
+        base = model(x)
+    full = model(x, noise_level=0.3)
+    layer = model.base_model.model.layers[0]
+    layer.set_scale("default", 0.0)
+    torch.testing.assert_close(model(x, noise_level=0.3), base)
+    layer.set_scale("default", 1.0)
+    layer.scale_layer(0.0)
+    torch.testing.assert_close(model(x, noise_level=0.3), base)
+    layer.unscale_layer()
+    torch.testing.assert_close(model(x, noise_level=0.3), full)
+
+
+def test_half_precision_cast_keeps_the_fourier_frequencies_in_float32():
+    model = nd.get_nara_model(TinyNet(), nd.NaRAConfig(r=3, target_modules=["layers.0"]))
+    W = nd.get_adapter(model).embedding.W.clone()
+    model.to(torch.bfloat16)
+    hn = nd.get_adapter(model)
+    assert hn.embedding.W.dtype == torch.float32 and torch.equal(hn.embedding.W, W)
+    assert hn.generator.layers[0].weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 12, dtype=torch.bfloat16), noise_level=0.5).dtype == torch.bfloat16

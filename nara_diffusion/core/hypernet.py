@@ -26,6 +26,14 @@ class FourierEmbedding(nn.Module):
     def out_dim(self) -> int:
         return 2 * self.W.shape[1]
 
+    def _apply(self, fn, recurse: bool = True):
+        # Casting a model to fp16/bf16 must not round the frequencies (|W| ~ 16 would lose ~1e-2 rad): W follows
+        # device moves but stays float32.
+        W = self.W
+        super()._apply(fn, recurse)
+        self.W = W.to(device=self.W.device)
+        return self
+
     def forward(self, lam: torch.Tensor) -> torch.Tensor:
         """``[B]`` → ``[B, dim]``."""
         proj = lam.float().unsqueeze(-1) * self.W.float()

@@ -46,11 +46,12 @@ class NaRALayer(BaseTunerLayer):
     the dropout, the scaling and a plain reference to the model's shared `NoiseConditionedAdapter`."""
 
     adapter_layer_names = ("nara_A", "nara_B")
-    other_param_names = ("r", "scaling", "nara_dropout")
+    other_param_names = ("r", "scaling", "base_scaling", "nara_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
+        self.base_scaling: dict[str, float] = {}  # s from the config; `scaling` may be rescaled (set_scale)
         self.scaling: dict[str, float] = {}
         self.nara_dropout = nn.ModuleDict({})
         self.nara_A = nn.ModuleDict({})
@@ -81,6 +82,7 @@ class NaRALayer(BaseTunerLayer):
         """Create the A, B and dropout of ``adapter_name`` and link the layer to the shared ``core``."""
         r = config.r
         self.r[adapter_name] = r
+        self.base_scaling[adapter_name] = config.effective_scaling
         self.scaling[adapter_name] = config.effective_scaling
         dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.nara_dropout[adapter_name] = dropout
@@ -99,6 +101,24 @@ class NaRALayer(BaseTunerLayer):
                 nn.init.zeros_(self.nara_B[adapter_name].weight)
             else:
                 nn.init.kaiming_uniform_(self.nara_B[adapter_name].weight, a=math.sqrt(5))
+
+    # diffusers calls these on every peft layer for ``cross_attention_kwargs={"scale": s}``, as for LoRA
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Branch multiplier of ``adapter`` = its configured s × ``scale`` (absolute; 0 gives the base output)."""
+        if adapter in self.base_scaling:
+            self.scaling[adapter] = self.base_scaling[adapter] * float(scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the current multiplier of every active adapter by ``scale``."""
+        for name in self.active_adapters:
+            if name in self.scaling:
+                self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo `scale_layer` (divide by ``scale``), or with None restore the configured multiplier."""
+        for name in self.active_adapters:
+            if name in self.scaling:
+                self.scaling[name] = self.base_scaling[name] if scale is None else self.scaling[name] / scale
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -140,8 +160,8 @@ class NaRALinear(nn.Module, NaRALayer):
             a, b = self.nara_A[name], self.nara_B[name]
             h = a(self.nara_dropout[name](x.to(a.weight.dtype)))
             core = self.nara_cores[name].current_core
-            if core is not None:
-                h = apply_core(h, core.to(h.dtype))
+            if core is not None:  # device too: with CPU offload the hypernetwork may sit elsewhere
+                h = apply_core(h, core.to(device=h.device, dtype=h.dtype))
             result = result + b(h) * self.scaling[name]
         return result.to(out_dtype)
 

@@ -430,13 +430,10 @@ class NaRALoaderMixin:
         """Multiply the low-rank branch of every loaded NaRA adapter by ``scale`` (absolute: 1.0 restores the
         trained strength, 0.0 gives the base model's output)."""
         for model in self._nara_components().values():
-            tuner = nara_tuner(model)
-            if tuner is None:
-                continue
             for module in model.modules():
                 if isinstance(module, NaRALinear):
                     for name in module.scaling:
-                        module.scaling[name] = tuner.peft_config[name].effective_scaling * float(scale)
+                        module.set_scale(name, scale)
 
     def set_nara_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active NaRA adapter of every component that has it."""
