@@ -71,3 +71,31 @@ def test_data_parallel_on_two_cpu_processes_with_prior_preservation(tiny_pipelin
     fingerprints = next(r["replica_fingerprints"] for r in rows if "replica_fingerprints" in r)
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
     assert (run / "final" / "nara_weights.safetensors").is_file()
+
+
+def test_diffora_selection_through_train_py_reloads_into_a_stock_pipeline(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    import nara_diffusion as nd
+
+    run = tmp_path / "run"
+    _run(
+        [sys.executable, EXAMPLE / "train.py", "--model", tiny_pipeline, "--instance_data_dir", EXAMPLE / "images",
+         "--instance_prompt", "a photo of sks toy", "--output_dir", run, *SMALL, "--select", "diffora",
+         "--sample_rate", "0.25", "--search_steps", "2", "--report_to", "none"]
+    )  # fmt: skip
+    dam = json.loads((run / "diffora.json").read_text())
+    assert len(dam["kept"]) == -(-len(dam["alphas"]) // 4)  # ⌈0.25·N⌉
+    pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(tiny_pipeline))
+    pipe.load_nara_weights(run / "final")
+    adapted = sorted(n for n, m in pipe.unet.named_modules() if isinstance(m, nd.NaRALinear))
+    assert adapted == sorted(dam["kept"])
+
+
+def test_text_objectives_are_rejected_for_images(tiny_pipeline, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE / "train.py"), "--model", str(tiny_pipeline), "--instance_data_dir",
+         str(EXAMPLE / "images"), "--instance_prompt", "x", "--objective", "lift"],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "--objective" in done.stderr and "valid fields" in done.stderr

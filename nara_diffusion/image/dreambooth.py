@@ -39,6 +39,7 @@ from diffusers.utils import make_image_grid
 from torch import nn
 
 from ..core import NaRAConfig, noise_level
+from ..selection.diffora import DiffoRAResult, discretize, restrict_to, save_dam, search
 from ..training import TrainConfig, Trainer, TrainResult, build_accelerator
 from ..training.config import config_to_dict
 from .data import DreamBoothDataset, check_resolution, collate_dreambooth, list_images
@@ -111,6 +112,13 @@ class DreamBoothConfig(TrainConfig):
     warmup_ratio: float = 0.0
     lr_schedule: str = "constant"
     eval_every: int = 500  # checkpoint period (diffusers' checkpointing_steps)
+    # Which UNet modules get an adapter: None (all targets) or "diffora" (nara_diffusion/selection/diffora.py).
+    select: Optional[str] = None
+    sample_rate: float = 0.5
+    select_scope: str = "global"
+    search_steps: int = 50
+    search_holdout: float = 0.2
+    alpha_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         if not self.instance_data_dir:
@@ -127,6 +135,12 @@ class DreamBoothConfig(TrainConfig):
                 self.class_data_dir = str(Path(self.output_dir) / "class_images")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (or none), got {self.snr_gamma!r}.")
+        if self.select not in (None, "diffora"):
+            raise ValueError(f"select must be 'diffora' or none, got {self.select!r}.")
+        if self.select:
+            discretize({"probe": 0.0}, self.sample_rate, self.select_scope)  # validates both options
+            if not 0 < self.search_holdout < 1:
+                raise ValueError(f"search_holdout must be in (0, 1), got {self.search_holdout}.")
         if self.num_class_images < 0 or self.num_validation_images < 1 or self.validation_steps < 0:
             raise ValueError("num_class_images >= 0, num_validation_images >= 1 and validation_steps >= 0, please.")
 
@@ -596,6 +610,8 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
         latent_scale=latent_scale,
         **cache,
     )
+    if config.select == "diffora":
+        _select_unet_modules(model, dataset, config, device)
     callbacks = [ValidationImages(pipe, config.validation_prompt, config)] if config.validation_prompt else []
     base_cls = type(pipe)
 
@@ -615,6 +631,51 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
         callbacks=callbacks,
     )
     return trainer.train()
+
+
+def _select_unet_modules(model: DreamBoothModel, dataset: Any, config: DreamBoothConfig, device: Any) -> None:
+    """DiffoRA over the UNet's adapted modules: search on a held-out share of the instance images, keep the top
+    ``sample_rate``, write ``diffora.json`` / ``diffora.png``. The search is deterministic (same seed and data on
+    every process); the kept list is broadcast so that all processes agree."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from torch.utils.data import DataLoader, Subset
+
+    dam = Path(config.output_dir) / "diffora.json"
+    if config.resume and dam.is_file():
+        restrict_to(model.unet, json.loads(dam.read_text())["kept"])
+        return
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    cut = max(1, round(config.search_holdout * len(order)))
+    if cut >= len(order):
+        raise ValueError("DiffoRA needs at least two instance images: one to train on and one held out for α.")
+    loaders = [
+        DataLoader(Subset(dataset, part), batch_size=config.batch_size, shuffle=False, collate_fn=collate_dreambooth)
+        for part in (order[cut:], order[:cut])
+    ]
+
+    def loss(m: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        return m({k: v.to(device) for k, v in batch.items()}, generator)
+
+    state = PartialState()
+    model.to(device)
+    alphas, history = search(
+        model,
+        *loaders,
+        loss,
+        steps=config.search_steps,
+        adapter_lr=config.learning_rate,
+        alpha_lr=config.alpha_lr,
+        seed=config.seed,
+        progress=state.is_local_main_process,
+        adapted=model.unet,
+    )
+    kept = [discretize(alphas, config.sample_rate, config.select_scope)]
+    if state.num_processes > 1:
+        broadcast_object_list(kept)
+    restrict_to(model.unet, kept[0])
+    if state.is_main_process:
+        save_dam(DiffoRAResult(alphas, kept[0], config.sample_rate, config.select_scope, history), config.output_dir)
 
 
 def load_trained_pipeline(

@@ -136,13 +136,17 @@ def search(
     alpha_lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    adapted: Optional[nn.Module] = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """First-order bi-level search: per step, one adapter update on a training batch, one α update on a held-out
     batch. Returns (α per candidate, loss history). The adapter weights are updated in place (they are inherited).
+
+    ``adapted`` is the module whose adapters are the candidates (default ``model``; e.g. the UNet inside a training
+    wrapper); candidate names are relative to it.
     """
     if heldout_batches is None:
         raise ValueError("A DiffoRA search needs held-out data for the α updates.")
-    gates = GatedAdapters(model)
+    gates = GatedAdapters(model if adapted is None else adapted)
     weights = [p for p in model.parameters() if p.requires_grad]
     weight_opt = torch.optim.AdamW(weights, lr=adapter_lr, weight_decay=0.0)
     alpha_opt = torch.optim.Adam([gates.alpha], lr=alpha_lr, betas=(0.5, 0.999))
