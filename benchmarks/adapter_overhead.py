@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
+import functools
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -25,15 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import _timing as T
 import peft
 import torch
 import transformers
+from _timing import MB, Phase, median_ms, quartiles, ratio_stats
 from torch import nn
 
 import nara_diffusion as nd
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MB = 1024 * 1024
 
 
 @dataclass
@@ -67,23 +67,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="adapter rank r (LoRA and NaRA)")
     p.add_argument("--batch", type=int, default=4, help="batch size B (NaRA gets B different noise levels)")
     p.add_argument("--seq", type=int, default=128, help="sequence length")
-    p.add_argument("--repeats", type=int, default=100, help="measured rounds (each runs every variant once)")
-    p.add_argument("--warmup", type=int, default=5, help="unmeasured warm-up rounds")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--stall-factor",
-        type=float,
-        default=1.5,
-        help="discard a round when some variant took more than this × its fastest round (host contention)",
-    )
-    p.add_argument("--max-seconds", type=float, default=60.0, help="time budget of each timing phase")
-    p.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        help="before each timing phase, wait up to this many seconds for other processes to leave the CPUs idle",
-    )
+    T.add_timing_args(p, repeats=100, warmup=5, max_seconds=60.0)
     p.add_argument("--no-identity", action="store_true", help="skip the NaRA core='identity' variant")
     p.add_argument("--profile", action="store_true", help="also profile LoRA vs NaRA and list the top ops")
     p.add_argument("--profile-steps", type=int, default=20, help="steps per variant under the profiler")
@@ -94,8 +78,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.warmup, args.profile_steps = 10, 2, 5
         args.max_seconds = min(args.max_seconds, 10.0)
-    if args.repeats < 1 or args.warmup < 0 or args.stall_factor <= 1.0:
-        p.error("--repeats must be >= 1, --warmup >= 0 and --stall-factor > 1")
+    T.check_timing_args(p, args)
     return args
 
 
@@ -165,98 +148,17 @@ def infer_step(v: Variant, batch: Batch) -> float:
     return time.perf_counter() - t0
 
 
-@dataclass
-class Phase:
-    """Bookkeeping of one timing phase: measured rounds kept and discarded."""
-
-    name: str
-    kept: int = 0
-    discarded: int = 0
-    out_of_time: bool = False
-    foreign_cpu: Optional[float] = None  # share of all CPUs used by other processes while timing
-
-
-def cpu_busy_seconds() -> Optional[float]:
-    """Busy CPU seconds of the whole machine since boot, from /proc/stat (None where unavailable)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def wait_for_idle(max_wait: float, window: float = 2.0, threshold: float = 0.05) -> None:
-    """Sleep until other processes use under ``threshold`` of the CPUs over ``window`` s, at most ``max_wait`` s."""
-    end = time.perf_counter() + max_wait
-    while time.perf_counter() < end:
-        b0 = cpu_busy_seconds()
-        time.sleep(window)
-        b1 = cpu_busy_seconds()
-        if b0 is None or b1 is None or (b1 - b0) / (window * (os.cpu_count() or 1)) < threshold:
-            return
-    print(f"(CPUs still busy after waiting {max_wait:.0f} s; timing anyway)", file=sys.stderr)
-
-
-def clean_rows(rows: list[list[float]], factor: float) -> list[list[float]]:
-    """Rounds in which every variant took at most ``factor`` × its fastest time over all rounds."""
-    fastest = [min(col) for col in zip(*rows, strict=True)]
-    return [row for row in rows if all(t <= factor * f for t, f in zip(row, fastest, strict=True))]
-
-
 def run_rounds(
     variants: list[Variant], step: Callable[[Variant, Batch], float], sink: str, args: argparse.Namespace
 ) -> Phase:
-    """Time ``step`` in rounds; each round runs every variant once on the same batch.
-
-    The order rotates (A B C, B C A, C A B, ...) so that every variant takes every position equally often and
-    never follows itself. Rounds where another process stole the CPU (some variant slower than
-    ``--stall-factor`` × its fastest round) are discarded, and rounds continue until ``--repeats`` clean ones
-    are in or ``--max-seconds`` have passed. GC is off while timing.
-    """
-    if args.wait_idle > 0:
-        wait_for_idle(args.wait_idle)
+    """Time ``step`` in rounds (`_timing.run_rounds`: rotating order, stalled rounds discarded, GC off), each on a
+    fresh batch; the kept times go to ``variant.<sink>``."""
     gen = torch.Generator().manual_seed(args.seed + 1)
-    rows: list[list[float]] = []
-    kept: list[list[float]] = []
-    deadline = time.perf_counter() + args.max_seconds
-    phase = Phase(sink)
-    gc.collect()
-    busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    gc.disable()
-    try:
-        rnd = 0
-        while True:
-            batch = make_batch(args, gen)
-            k = rnd % len(variants)
-            row = [0.0] * len(variants)
-            for i in [*range(k, len(variants)), *range(k)]:
-                row[i] = step(variants[i], batch)
-            if rnd >= args.warmup:
-                rows.append(row)
-                kept = clean_rows(rows, args.stall_factor)
-                if len(kept) >= args.repeats:
-                    break
-            rnd += 1
-            if time.perf_counter() > deadline:
-                phase.out_of_time = True
-                break
-    finally:
-        gc.enable()
-    busy1, own1, wall1 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    if busy0 is not None and busy1 is not None:
-        foreign = (busy1 - busy0) - (own1 - own0)
-        phase.foreign_cpu = max(0.0, foreign) / ((wall1 - wall0) * (os.cpu_count() or 1))
-    kept = kept[: args.repeats]
+    phase, rows = T.run_rounds(
+        [functools.partial(step, v) for v in variants], lambda: make_batch(args, gen), args, sink
+    )
     for i, v in enumerate(variants):
-        getattr(v, sink).extend(row[i] for row in kept)
-    phase.kept, phase.discarded = len(kept), len(rows) - len(kept)
+        getattr(v, sink).extend(row[i] for row in rows)
     return phase
 
 
@@ -266,40 +168,10 @@ def saved_for_backward_bytes(v: Variant, batch: Batch) -> int:
     Storages of parameters and buffers (e.g. frozen weights saved by ``linear``) are excluded: they are resident
     anyway. Storages are counted once however many ops save them.
     """
-    resident = {t.untyped_storage().data_ptr() for t in [*v.model.parameters(), *v.model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in resident:
-            seen[ptr] = storage.nbytes()
-        return t
-
     v.model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(forward(v, batch), batch.labels)
-    total = sum(seen.values())  # the graph (and so every saved storage) is alive here: no address reuse
-    del loss
-    return total
-
-
-def median_ms(times: list[float]) -> float:
-    return 1e3 * statistics.median(times)
-
-
-def quartiles(xs: list[float]) -> tuple[float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float]:
-    """Median and IQR of the per-round ratios num[i] / den[i]."""
-    ratios = [a / b for a, b in zip(num, den, strict=True)]
-    lo, hi = quartiles(ratios)
-    return statistics.median(ratios), lo, hi
+    return T.saved_tensor_bytes(
+        lambda: loss_of(forward(v, batch), batch.labels), [*v.model.parameters(), *v.model.buffers()]
+    )
 
 
 def report(variants: list[Variant]) -> str:
@@ -324,55 +196,16 @@ def report(variants: list[Variant]) -> str:
     return "\n".join(rows)
 
 
-OpKey = tuple[str, str]  # (op name, input shapes)
-
-
-def profile_ops(
-    v: Variant, step: Callable[[Variant, Batch], float], args: argparse.Namespace
-) -> dict[OpKey, tuple[float, float]]:
-    """Self CPU µs per step and calls per step of each (op, input shapes) over ``--profile-steps`` steps."""
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    batches = [make_batch(args, gen) for _ in range(args.profile_steps)]
-    for batch in batches[:2]:
-        step(v, batch)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        for batch in batches:
-            step(v, batch)
-    n = len(batches)
-    return {
-        (e.key, str(e.input_shapes)): (e.self_cpu_time_total / n, e.count / n)
-        for e in prof.key_averages(group_by_input_shape=True)
-    }
-
-
 def extra_ops_report(
     lora: Variant, nara: Variant, step: Callable[[Variant, Batch], float], args: argparse.Namespace, top: int = 20
 ) -> str:
-    """The ops NaRA runs that LoRA does not (same op and input shapes, more calls per step).
-
-    Ops both models run equally often are the shared base model; their time differences between two profiler
-    sessions are noise, so only the extra calls are attributed to NaRA (at NaRA's mean time per call).
-    """
-    a, b = profile_ops(lora, step, args), profile_ops(nara, step, args)
-    extra: list[tuple[float, float, OpKey]] = []
-    for key, (t_b, c_b) in b.items():
-        c_a = a.get(key, (0.0, 0.0))[1]
-        if c_b > c_a + 1e-9:
-            extra.append((t_b * (c_b - c_a) / c_b, c_b - c_a, key))
-    extra.sort(reverse=True)
-    total = sum(t for t, _, _ in extra)
-    lines = [
-        "| op | input shapes | extra calls/step | extra µs/step |",
-        "|---|---|---:|---:|",
-    ]
-    for t, c, (name, shapes) in extra[:top]:
-        short = shapes if len(shapes) <= 60 else shapes[:57] + "..."
-        lines.append(f"| `{name}` | `{short}` | {c:g} | {t:.0f} |")
-    rest = extra[top:]
-    if rest:
-        lines.append(f"| ({len(rest)} more) | | {sum(c for _, c, _ in rest):g} | {sum(t for t, _, _ in rest):.0f} |")
-    lines.append(f"| **total NaRA-only op time** | | {sum(c for _, c, _ in extra):g} | **{total:.0f}** |")
-    return "\n".join(lines)
+    """The ops NaRA runs that LoRA does not (same op and input shapes, more calls per step), from
+    ``--profile-steps`` profiled steps of each (`_timing.extra_ops_table`)."""
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    batches = [make_batch(args, gen) for _ in range(args.profile_steps)]
+    a = T.profile_ops(functools.partial(step, lora), batches)
+    b = T.profile_ops(functools.partial(step, nara), batches)
+    return T.extra_ops_table(a, b, top, total_label="total NaRA-only op time")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -411,14 +244,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(report(variants))
     print()
     for ph, label in zip(phases, ("fwd+bwd", "forward-only"), strict=True):
-        note = " (stopped by --max-seconds)" if ph.out_of_time else ""
-        others = "" if ph.foreign_cpu is None else f"; other processes used {100 * ph.foreign_cpu:.0f}% of the CPUs"
-        print(
-            f"{label}: {ph.kept} rounds used, {ph.discarded} discarded as stalled "
-            f"(a variant > {args.stall_factor}× its fastest round){others}{note}"
-        )
-        if ph.kept < args.repeats or ph.discarded > ph.kept // 4 or (ph.foreign_cpu or 0.0) > 0.1:
-            print(f"WARNING: {label} timings were disturbed by other load on this machine; rerun when it is idle.")
+        for line in ph.summary(label, args.stall_factor, args.repeats):
+            print(line)
     print(f"load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}")
     print()
     print(f"NaRA/LoRA fwd+bwd median per-round ratio: {r:.3f} (goal ≤ 1.05: {'met' if r <= 1.05 else 'NOT met'})")

@@ -22,10 +22,10 @@ class NoiseConditionedAdapter(nn.Module):
     """Generates the r × r core C(λ) = I + η · reshape(F_φ(e(λ))) for every adapted layer of one adapter.
 
     The model-level forward hook calls :meth:`begin_forward` once per forward; every `NaRALinear` then reads
-    :attr:`current_core` (shape ``[B, r, r]`` or ``[1, r, r]``, or ``None`` for the identity core, where the
-    layer skips the product). :meth:`end_forward` clears it, so a later call without a noise level fails
-    instead of reusing a stale core. Activation checkpointing recomputes layers during backward, after the
-    forward has ended; those recomputations (and only those) see the core of the forward they belong to.
+    :attr:`current_core` (shape ``[B, r, r]``, or ``[r, r]`` when one core serves the whole batch, or ``None`` for
+    the identity core, where the layer skips the product). :meth:`end_forward` clears it, so a later call without a
+    noise level fails instead of reusing a stale core. Activation checkpointing recomputes layers during backward,
+    after the forward has ended; those recomputations (and only those) see the core of the forward they belong to.
 
     Args:
         config: The adapter's `NaRAConfig` (``core``, ``r``, ``core_scale`` and the embedding settings).
@@ -82,8 +82,13 @@ class NoiseConditionedAdapter(nn.Module):
 
     # -- per-forward state, driven by the model-level hooks -------------------------------------------------
     def begin_forward(self, noise_level: Optional[torch.Tensor]) -> None:
-        """Compute the core once for the forward that is starting (λ already validated, shape ``[B]``)."""
-        self._core = self._compute(noise_level)
+        """Compute the core once for the forward that is starting (λ already validated, shape ``[B]``).
+
+        A core shared by the batch (scalar λ, or the constant core) is kept as ``[r, r]``, so that the layers do not
+        each index it (one op and one autograd node per layer fewer).
+        """
+        core = self._compute(noise_level)
+        self._core = core[0] if core is not None and core.shape[0] == 1 else core
         self._core_for_backward = None
         self._active = True
 
@@ -96,7 +101,9 @@ class NoiseConditionedAdapter(nn.Module):
 
     @property
     def current_core(self) -> Optional[torch.Tensor]:
-        """The core of the running forward (``None`` for the identity core); raises outside a forward."""
+        """The core of the running forward: ``[B, r, r]``, ``[r, r]`` (shared by the batch) or ``None`` (identity).
+
+        Raises outside a forward."""
         if self._active:
             return self._core
         if self._core_for_backward is not None and _in_backward():

@@ -19,15 +19,18 @@ MERGE_IMPOSSIBLE = (
 
 
 def apply_core(h: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    """Multiply the rank-r activations by the core, one core per example.
+    """Multiply the rank-r activations by the core, one core per example or one for the batch.
 
     Args:
         h: ``[B, ..., r]`` activations ``A·x`` (row vectors, so ``h @ C`` is Bᵀ-side ``Cᵀ·A·x`` in column form).
-        core: ``[1, r, r]`` (shared by the batch) or ``[B, r, r]``.
+        core: ``[r, r]`` or ``[1, r, r]`` (shared by the batch) or ``[B, r, r]``.
 
     Returns:
-        ``[B, ..., r]``.
+        ``[B, ..., r]``. One matmul, and for the usual ``[B, L, r]`` activations no reshape either: this runs in
+        every adapted layer, where each extra op and autograd node is a fixed cost per layer.
     """
+    if core.dim() == 2:
+        return h @ core
     if core.shape[0] == 1:
         return h @ core[0]
     if h.dim() < 2 or h.shape[0] != core.shape[0]:
@@ -36,6 +39,8 @@ def apply_core(h: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
             f"{h.shape[0] if h.dim() else 'none'} (shape {tuple(h.shape)}); give one noise level per example, "
             "or a scalar. Layers must see the batch as their first input dimension."
         )
+    if h.dim() == 3:
+        return torch.bmm(h, core)
     if h.dim() == 2:
         return torch.bmm(h.unsqueeze(1), core).squeeze(1)
     return torch.bmm(h.reshape(h.shape[0], -1, h.shape[-1]), core).view(h.shape)
@@ -160,8 +165,10 @@ class NaRALinear(nn.Module, NaRALayer):
             a, b = self.nara_A[name], self.nara_B[name]
             h = a(self.nara_dropout[name](x.to(a.weight.dtype)))
             core = self.nara_cores[name].current_core
-            if core is not None:  # device too: with CPU offload the hypernetwork may sit elsewhere
-                h = apply_core(h, core.to(device=h.device, dtype=h.dtype))
+            if core is not None:
+                if core.dtype != h.dtype or core.device != h.device:  # CPU offload may keep the hypernet elsewhere
+                    core = core.to(device=h.device, dtype=h.dtype)
+                h = apply_core(h, core)
             result = result + b(h) * self.scaling[name]
         return result.to(out_dtype)
 
