@@ -83,16 +83,18 @@ def test_discretize_global_and_per_layer():
 
 def test_search_then_restrict_inherits_the_searched_weights_and_reloads(tmp_path):
     model = _nara()
-    result = select_with_diffora(
+    kept = select_with_diffora(
         model, _batches(4, 1), _batches(2, 2), _loss, sample_rate=0.25, steps=4, adapter_lr=1e-2, output_dir=tmp_path
     )
-    assert len(result.alphas) == 8 and len(result.kept) == 2
-    assert len(set(result.alphas.values())) > 1  # α moved away from its common initial value
+    dam = json.loads((tmp_path / "diffora.json").read_text())
+    assert dam["kept"] == kept and len(dam["alphas"]) == 8 and len(kept) == 2
+    assert len(set(dam["alphas"].values())) > 1  # α moved away from its common initial value
     searched = {n: p.detach().clone() for n, p in model.named_parameters() if "nara_" in n}
     layers = {n for n, m in model.named_modules() if isinstance(m, nd.NaRALinear)}
-    assert sorted(n.removeprefix("base_model.model.") for n in layers) == sorted(result.kept)
-    dam = json.loads((tmp_path / "diffora.json").read_text())
-    assert dam["kept"] == result.kept and set(dam["alphas"]) == set(result.alphas)
+    assert sorted(n.removeprefix("base_model.model.") for n in layers) == sorted(kept)
+    # resuming reads the kept list back instead of searching
+    again = _nara()
+    assert select_with_diffora(again, [], [], _loss, output_dir=tmp_path, resume=True) == kept
 
     model.save_pretrained(tmp_path / "adapter")
     reloaded = nd.load_nara_model(tiny_llama(), tmp_path / "adapter")

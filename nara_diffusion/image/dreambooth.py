@@ -39,7 +39,7 @@ from diffusers.utils import make_image_grid
 from torch import nn
 
 from ..core import NaRAConfig, noise_level
-from ..selection.diffora import DiffoRAResult, discretize, restrict_to, save_dam, search
+from ..selection.diffora import discretize, select_with_diffora
 from ..training import TrainConfig, Trainer, TrainResult, build_accelerator
 from ..training.config import config_to_dict
 from .data import DreamBoothDataset, check_resolution, collate_dreambooth, list_images
@@ -634,17 +634,9 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
 
 
 def _select_unet_modules(model: DreamBoothModel, dataset: Any, config: DreamBoothConfig, device: Any) -> None:
-    """DiffoRA over the UNet's adapted modules: search on a held-out share of the instance images, keep the top
-    ``sample_rate``, write ``diffora.json`` / ``diffora.png``. The search is deterministic (same seed and data on
-    every process); the kept list is broadcast so that all processes agree."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    """DiffoRA over the UNet's adapted modules: search on a seeded held-out share of the instance images."""
     from torch.utils.data import DataLoader, Subset
 
-    dam = Path(config.output_dir) / "diffora.json"
-    if config.resume and dam.is_file():
-        restrict_to(model.unet, json.loads(dam.read_text())["kept"])
-        return
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
     cut = max(1, round(config.search_holdout * len(order)))
     if cut >= len(order):
@@ -657,25 +649,21 @@ def _select_unet_modules(model: DreamBoothModel, dataset: Any, config: DreamBoot
     def loss(m: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         return m({k: v.to(device) for k, v in batch.items()}, generator)
 
-    state = PartialState()
     model.to(device)
-    alphas, history = search(
+    select_with_diffora(
         model,
         *loaders,
         loss,
+        sample_rate=config.sample_rate,
+        scope=config.select_scope,
         steps=config.search_steps,
         adapter_lr=config.learning_rate,
         alpha_lr=config.alpha_lr,
         seed=config.seed,
-        progress=state.is_local_main_process,
+        output_dir=config.output_dir,
         adapted=model.unet,
+        resume=config.resume,
     )
-    kept = [discretize(alphas, config.sample_rate, config.select_scope)]
-    if state.num_processes > 1:
-        broadcast_object_list(kept)
-    restrict_to(model.unet, kept[0])
-    if state.is_main_process:
-        save_dam(DiffoRAResult(alphas, kept[0], config.sample_rate, config.select_scope, history), config.output_dir)
 
 
 def load_trained_pipeline(

@@ -276,22 +276,34 @@ def select_with_diffora(
     alpha_lr: float = 3e-3,
     seed: int = 0,
     output_dir: Optional[Path | str] = None,
-) -> DiffoRAResult:
-    """Search, discretise and restrict ``model``'s adapters in place; writes the DAM to ``output_dir`` if given."""
-    discretize({"x": 0.0}, sample_rate, scope)  # validate the options before the (long) search
+    adapted: Optional[nn.Module] = None,
+    resume: bool = False,
+) -> list[str]:
+    """Search, discretise and restrict the adapters of ``adapted`` (default ``model``) in place; returns the kept list.
+
+    Writes ``diffora.json`` / ``diffora.png`` to ``output_dir`` (main process only). Under data parallelism every
+    process runs the same deterministic search and the main process's kept list is broadcast, so all agree. With
+    ``resume`` and an existing ``output_dir/diffora.json``, the kept list is read back instead of searching again.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    discretize({"probe": 0.0}, sample_rate, scope)  # validate the options before the (long) search
+    target = model if adapted is None else adapted
+    dam = None if output_dir is None else Path(output_dir) / "diffora.json"
+    if resume and dam is not None and dam.is_file():
+        kept = json.loads(dam.read_text())["kept"]
+        restrict_to(target, kept)
+        return kept
+    state = PartialState()
     alphas, history = search(
-        model,
-        train_batches,
-        heldout_batches,
-        loss_fn,
-        steps=steps,
-        adapter_lr=adapter_lr,
-        alpha_lr=alpha_lr,
-        seed=seed,
-    )
-    kept = discretize(alphas, sample_rate, scope)
-    restrict_to(model, kept)
-    result = DiffoRAResult(alphas=alphas, kept=kept, sample_rate=sample_rate, scope=scope, history=history)
-    if output_dir is not None:
-        save_dam(result, output_dir)
-    return result
+        model, train_batches, heldout_batches, loss_fn, steps=steps, adapter_lr=adapter_lr, alpha_lr=alpha_lr,
+        seed=seed, progress=state.is_local_main_process, adapted=adapted,
+    )  # fmt: skip
+    kept = [discretize(alphas, sample_rate, scope)]
+    if state.num_processes > 1:
+        broadcast_object_list(kept)
+    restrict_to(target, kept[0])
+    if output_dir is not None and state.is_main_process:
+        save_dam(DiffoRAResult(alphas, kept[0], sample_rate, scope, history), output_dir)
+    return kept[0]

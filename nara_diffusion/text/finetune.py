@@ -17,7 +17,6 @@ a complete LoRA run with the full step budget (so K times the compute of one LoR
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..selection.diffora import DiffoRAResult, discretize, restrict_to, save_dam, search
+from ..selection.diffora import discretize, select_with_diffora
 from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
 from .data import SFTSplits, collate_sft, load_sft_data
@@ -343,20 +342,10 @@ def config_pad_token_id(model: nn.Module) -> Optional[int]:
 
 
 def _select_modules(model: nn.Module, splits: SFTSplits, loss_fn: Any, config: FinetuneConfig) -> None:
-    """DiffoRA before the main run: search on a held-out split of the training set, keep the top modules.
-
-    Every process runs the same deterministic search; the main process's kept list is broadcast so that all agree,
-    and DDP then copies the main process's (inherited) weights to the others. On ``--resume`` the kept list is
-    read back from ``diffora.json`` instead of searching again.
-    """
+    """DiffoRA before the main run: search on a seeded held-out split of the training set, keep the top modules."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
     from torch.utils.data import DataLoader, Subset
 
-    dam = Path(config.output_dir) / "diffora.json"
-    if config.resume and dam.is_file():
-        restrict_to(model, json.loads(dam.read_text())["kept"])
-        return
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(config.seed)).tolist()
     cut = max(1, round(config.search_holdout * len(order)))
     if cut >= len(order):
@@ -365,27 +354,22 @@ def _select_modules(model: nn.Module, splits: SFTSplits, loss_fn: Any, config: F
         DataLoader(Subset(splits.train, part), batch_size=config.batch_size, shuffle=False, collate_fn=collate_sft)
         for part in (order[cut:], order[:cut])
     ]
-    state = PartialState()
-    device_loss = partial(_on_device, loss_fn=loss_fn, device=state.device)
-    model.to(state.device)
-    alphas, history = search(
+    device = PartialState().device
+    model.to(device)
+    kept = select_with_diffora(
         model,
         *loaders,
-        device_loss,
+        partial(_on_device, loss_fn=loss_fn, device=device),
+        sample_rate=config.sample_rate,
+        scope=config.select_scope,
         steps=config.search_steps,
         adapter_lr=config.learning_rate,
         alpha_lr=config.alpha_lr,
         seed=config.seed,
-        progress=state.is_local_main_process,
+        output_dir=config.output_dir,
+        resume=config.resume,
     )
-    kept = [discretize(alphas, config.sample_rate, config.select_scope)]
-    if state.num_processes > 1:
-        broadcast_object_list(kept)
-    restrict_to(model, kept[0])
-    result = DiffoRAResult(alphas, kept[0], config.sample_rate, config.select_scope, history)
-    if state.is_main_process:
-        save_dam(result, config.output_dir)
-    logger.info("DiffoRA kept %d of %d modules", len(result.kept), len(alphas))
+    logger.info("DiffoRA kept %d modules", len(kept))
 
 
 def _on_device(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, *, loss_fn, device):
