@@ -39,7 +39,7 @@ from diffusers.utils import make_image_grid
 from torch import nn
 
 from ..core import NaRAConfig, noise_level
-from ..selection.diffora import discretize, select_with_diffora
+from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import TrainConfig, Trainer, TrainResult, build_accelerator
 from ..training.config import config_to_dict
 from .data import DreamBoothDataset, check_resolution, collate_dreambooth, list_images
@@ -56,7 +56,7 @@ VALIDATION_DIR = "validation"
 
 
 @dataclass
-class DreamBoothConfig(TrainConfig):
+class DreamBoothConfig(SelectionConfig, TrainConfig):
     """Everything a DreamBooth run needs: base pipeline, images, prompts, adapter, objective, validation.
 
     The `TrainConfig` fields keep their names (``learning_rate``, ``max_steps``, ``batch_size``, ``grad_accum``,
@@ -112,13 +112,6 @@ class DreamBoothConfig(TrainConfig):
     warmup_ratio: float = 0.0
     lr_schedule: str = "constant"
     eval_every: int = 500  # checkpoint period (diffusers' checkpointing_steps)
-    # Which UNet modules get an adapter: None (all targets) or "diffora" (nara_diffusion/selection/diffora.py).
-    select: Optional[str] = None
-    sample_rate: float = 0.5
-    select_scope: str = "global"
-    search_steps: int = 50
-    search_holdout: float = 0.2
-    alpha_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         if not self.instance_data_dir:
@@ -135,12 +128,7 @@ class DreamBoothConfig(TrainConfig):
                 self.class_data_dir = str(Path(self.output_dir) / "class_images")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (or none), got {self.snr_gamma!r}.")
-        if self.select not in (None, "diffora"):
-            raise ValueError(f"select must be 'diffora' or none, got {self.select!r}.")
-        if self.select:
-            discretize({"probe": 0.0}, self.sample_rate, self.select_scope)  # validates both options
-            if not 0 < self.search_holdout < 1:
-                raise ValueError(f"search_holdout must be in (0, 1), got {self.search_holdout}.")
+        self.check_selection()
         if self.num_class_images < 0 or self.num_validation_images < 1 or self.validation_steps < 0:
             raise ValueError("num_class_images >= 0, num_validation_images >= 1 and validation_steps >= 0, please.")
 
@@ -634,36 +622,13 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
 
 
 def _select_unet_modules(model: DreamBoothModel, dataset: Any, config: DreamBoothConfig, device: Any) -> None:
-    """DiffoRA over the UNet's adapted modules: search on a seeded held-out share of the instance images."""
-    from torch.utils.data import DataLoader, Subset
-
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    cut = max(1, round(config.search_holdout * len(order)))
-    if cut >= len(order):
-        raise ValueError("DiffoRA needs at least two instance images: one to train on and one held out for α.")
-    loaders = [
-        DataLoader(Subset(dataset, part), batch_size=config.batch_size, shuffle=False, collate_fn=collate_dreambooth)
-        for part in (order[cut:], order[:cut])
-    ]
+    """DiffoRA over the UNet's adapted modules, on a seeded held-out share of the instance images."""
 
     def loss(m: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         return m({k: v.to(device) for k, v in batch.items()}, generator)
 
     model.to(device)
-    select_with_diffora(
-        model,
-        *loaders,
-        loss,
-        sample_rate=config.sample_rate,
-        scope=config.select_scope,
-        steps=config.search_steps,
-        adapter_lr=config.learning_rate,
-        alpha_lr=config.alpha_lr,
-        seed=config.seed,
-        output_dir=config.output_dir,
-        adapted=model.unet,
-        resume=config.resume,
-    )
+    select_before_training(model, dataset, collate_dreambooth, loss, config, adapted=model.unet)
 
 
 def load_trained_pipeline(

@@ -307,3 +307,68 @@ def select_with_diffora(
     if output_dir is not None and state.is_main_process:
         save_dam(DiffoRAResult(alphas, kept[0], sample_rate, scope, history), output_dir)
     return kept[0]
+
+
+@dataclass
+class SelectionConfig:
+    """The DiffoRA fields of a training config (mixed into the LLaDA and DreamBooth configs).
+
+    ``select="diffora"`` runs `select_before_training`; ``None`` adapts every target module.
+    """
+
+    select: Optional[str] = None
+    sample_rate: float = 0.5
+    select_scope: str = "global"
+    search_steps: int = 50
+    search_holdout: float = 0.2
+    alpha_lr: float = 3e-3
+
+    def check_selection(self) -> None:
+        """Raise ValueError for an unknown ``select``, a ``sample_rate`` outside (0, 1], a bad scope or holdout."""
+        if self.select not in (None, "diffora"):
+            raise ValueError(f"select must be 'diffora' or none, got {self.select!r}.")
+        if self.select:
+            discretize({"probe": 0.0}, self.sample_rate, self.select_scope)  # validates both options
+            if not 0 < self.search_holdout < 1:
+                raise ValueError(f"search_holdout must be in (0, 1), got {self.search_holdout}.")
+
+
+def select_before_training(
+    model: nn.Module,
+    dataset: Any,
+    collate_fn: Callable,
+    loss_fn: LossFn,
+    config: Any,
+    *,
+    adapted: Optional[nn.Module] = None,
+) -> list[str]:
+    """`select_with_diffora` on a seeded held-out share (``config.search_holdout``) of ``dataset``.
+
+    ``config`` is a training config with the `SelectionConfig` fields and ``seed``, ``batch_size``,
+    ``learning_rate`` (the search's adapter learning rate), ``output_dir`` and ``resume``.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    cut = max(1, round(config.search_holdout * len(order)))
+    if cut >= len(order):
+        raise ValueError(f"DiffoRA needs data to train on and data held out for α: {len(order)} examples are too few.")
+    train, heldout = (
+        DataLoader(Subset(dataset, part), batch_size=config.batch_size, shuffle=False, collate_fn=collate_fn)
+        for part in (order[cut:], order[:cut])
+    )
+    return select_with_diffora(
+        model,
+        train,
+        heldout,
+        loss_fn,
+        sample_rate=config.sample_rate,
+        scope=config.select_scope,
+        steps=config.search_steps,
+        adapter_lr=config.learning_rate,
+        alpha_lr=config.alpha_lr,
+        seed=config.seed,
+        output_dir=config.output_dir,
+        adapted=adapted,
+        resume=config.resume,
+    )

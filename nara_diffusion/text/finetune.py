@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..selection.diffora import discretize, select_with_diffora
+from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
 from .data import SFTSplits, collate_sft, load_sft_data
@@ -44,7 +44,7 @@ FINETUNE_ADAPTERS = (*ADAPTERS, MULTI_LORA)
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(SelectionConfig, TrainConfig):
     """Everything a fine-tuning run needs: the model, the data, the adapter and the `TrainConfig` settings.
 
     The defaults are the NaRA authors' math14k recipe where it applies (r 32, η 0.1, q/k/v/attn_out,
@@ -77,13 +77,6 @@ class FinetuneConfig(TrainConfig):
     lift_rho: str = "code"
     lift_vanilla_coef: float = 3.0
     approximate: bool = False
-    # Which modules get an adapter: None (all targets) or "diffora" (see nara_diffusion/selection/diffora.py).
-    select: Optional[str] = None
-    sample_rate: float = 0.5
-    select_scope: str = "global"
-    search_steps: int = 50
-    search_holdout: float = 0.2
-    alpha_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -106,14 +99,9 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
         if self.objective != "vanilla" and self.adapter == MULTI_LORA:
             raise ValueError("adapter=multi-lora trains each bin on its own noise levels; use objective=vanilla.")
-        if self.select not in (None, "diffora"):
-            raise ValueError(f"select must be 'diffora' or none, got {self.select!r}.")
+        self.check_selection()
         if self.select and self.adapter not in ("nara", "nara-c", "lora"):
             raise ValueError(f"select=diffora chooses modules for an adapter; it does not apply to {self.adapter!r}.")
-        if self.select:
-            discretize({"probe": 0.0}, self.sample_rate, self.select_scope)  # validates both options
-            if not 0 < self.search_holdout < 1:
-                raise ValueError(f"search_holdout must be in (0, 1), got {self.search_holdout}.")
         if self.masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {', '.join(MASKING_MODES)}, got {self.masking!r}.")
         if self.dtype not in DTYPES:
@@ -342,32 +330,13 @@ def config_pad_token_id(model: nn.Module) -> Optional[int]:
 
 
 def _select_modules(model: nn.Module, splits: SFTSplits, loss_fn: Any, config: FinetuneConfig) -> None:
-    """DiffoRA before the main run: search on a seeded held-out split of the training set, keep the top modules."""
+    """DiffoRA before the main run, on a seeded held-out split of the training set."""
     from accelerate import PartialState
-    from torch.utils.data import DataLoader, Subset
 
-    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    cut = max(1, round(config.search_holdout * len(order)))
-    if cut >= len(order):
-        raise ValueError("The training set is too small to hold out data for the DiffoRA search.")
-    loaders = [
-        DataLoader(Subset(splits.train, part), batch_size=config.batch_size, shuffle=False, collate_fn=collate_sft)
-        for part in (order[cut:], order[:cut])
-    ]
     device = PartialState().device
     model.to(device)
-    kept = select_with_diffora(
-        model,
-        *loaders,
-        partial(_on_device, loss_fn=loss_fn, device=device),
-        sample_rate=config.sample_rate,
-        scope=config.select_scope,
-        steps=config.search_steps,
-        adapter_lr=config.learning_rate,
-        alpha_lr=config.alpha_lr,
-        seed=config.seed,
-        output_dir=config.output_dir,
-        resume=config.resume,
+    kept = select_before_training(
+        model, splits.train, collate_sft, partial(_on_device, loss_fn=loss_fn, device=device), config
     )
     logger.info("DiffoRA kept %d modules", len(kept))
 
