@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -455,3 +456,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(sep) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def start_run(args: argparse.Namespace) -> tuple[torch.device, bool, float, str]:
+    """The common start of a benchmark's ``main``: quiet library warnings, set the thread count, keep freed memory
+    on CPU (see `keep_freed_memory`). Returns (device, whether memory is kept, start time, the machine-load line)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(args.threads)
+    malloc = keep_freed_memory() if args.device == "cpu" else False
+    return torch.device(args.device), malloc, time.perf_counter(), load_line()

@@ -29,7 +29,6 @@ import copy
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -208,15 +207,9 @@ class Pipeline:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads)
-    malloc = T.keep_freed_memory() if args.device == "cpu" else False
-    device = torch.device(args.device)
+    device, malloc, t_start, load = T.start_run(args)
     name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    t_start = time.perf_counter()
-    load = T.load_line()
     lora, nara, scheduler = build_variants(args, device, dtype)
     timer = T.make_timer(device)
     n_adapted = sum(1 for m in nara.modules() if type(m).__name__ == "NaRALinear")

@@ -24,7 +24,6 @@ import contextlib
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -194,13 +193,7 @@ def lambda_and_core_costs(state: State, nara: nn.Module, reps: int, device: torc
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads)
-    malloc = T.keep_freed_memory() if args.device == "cpu" else False
-    device = torch.device(args.device)
-    t_start = time.perf_counter()
-    load = T.load_line()
+    device, malloc, t_start, load = T.start_run(args)
     config = L.llada_config(args)
     dtype = L.resolve_dtype(args, device)
     base = L.build_base(config, device, dtype, args.seed)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -143,13 +142,7 @@ def measure_memory(
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads)
-    malloc = T.keep_freed_memory() if args.device == "cpu" else False
-    device = torch.device(args.device)
-    t_start = time.perf_counter()
-    load = T.load_line()
+    device, malloc, t_start, load = T.start_run(args)
     config, variants = build(args, device)
     timer = T.make_timer(device)
     print(T.machine_line(device, malloc))

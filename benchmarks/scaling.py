@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Optional
 
@@ -62,13 +61,7 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads)
-    malloc = T.keep_freed_memory() if args.device == "cpu" else False
-    device = torch.device(args.device)
-    t_start = time.perf_counter()
-    load = T.load_line()
+    device, malloc, t_start, load = T.start_run(args)
     config = L.llada_config(args)
     base = L.build_base(config, device, L.resolve_dtype(args, device), args.seed)
     timer = T.make_timer(device)
