@@ -34,28 +34,18 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+def _finetune(tiny_base: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python examples/llada/finetune.py`` on the tiny base and the toy data, writing to ``output_dir``."""
+    args = ["--model", str(tiny_base), "--dataset", str(DATA), "--output_dir", str(output_dir), *extra]
+    return _run([sys.executable, str(EXAMPLES / "finetune.py"), *args])
+
+
 def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
 def test_finetune_end_to_end_writes_a_loadable_adapter(tiny_base, tmp_path):
-    done = _run(
-        [
-            sys.executable,
-            str(EXAMPLES / "finetune.py"),
-            "--model",
-            str(tiny_base),
-            "--dataset",
-            str(DATA),
-            "--output_dir",
-            str(tmp_path),
-            "--max_steps",
-            "6",
-            "--eval_every",
-            "3",
-            *SMALL,
-        ]
-    )
+    done = _finetune(tiny_base, tmp_path, "--max_steps", "6", "--eval_every", "3", *SMALL)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: 6 updates" in done.stdout
     assert sum("val/loss" in row for row in _log(tmp_path)) == 2
@@ -141,52 +131,27 @@ def test_a_model_without_mask_token_is_rejected(tmp_path):
     ],
 )
 def test_lift_and_gift_objectives_run_end_to_end(tiny_base, tmp_path, extra):
-    done = _run(
-        [
-            sys.executable,
-            str(EXAMPLES / "finetune.py"),
-            "--model",
-            str(tiny_base),
-            "--dataset",
-            str(DATA),
-            "--output_dir",
-            str(tmp_path),
-            "--max_steps",
-            "3",
-            "--eval_every",
-            "0",
-            *SMALL,
-            *extra,
-        ]
-    )
+    done = _finetune(tiny_base, tmp_path, "--max_steps", "3", "--eval_every", "0", *SMALL, *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [row["train/loss"] for row in _log(tmp_path) if "train/loss" in row]
     assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
 
 
 def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, tmp_path):
-    done = _run(
-        [
-            sys.executable,
-            str(EXAMPLES / "finetune.py"),
-            "--model",
-            str(tiny_base),
-            "--dataset",
-            str(DATA),
-            "--output_dir",
-            str(tmp_path),
-            "--max_steps",
-            "2",
-            "--eval_every",
-            "0",
-            *SMALL,
-            "--select",
-            "diffora",
-            "--sample_rate",
-            "0.5",
-            "--search_steps",
-            "3",
-        ]
+    done = _finetune(
+        tiny_base,
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--eval_every",
+        "0",
+        *SMALL,
+        "--select",
+        "diffora",
+        "--sample_rate",
+        "0.5",
+        "--search_steps",
+        "3",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     dam = json.loads((tmp_path / "diffora.json").read_text())
@@ -198,20 +163,5 @@ def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, tm
         n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, nd.NaRALinear)
     )
     assert adapted == sorted(dam["kept"])
-    bad = _run(
-        [
-            sys.executable,
-            str(EXAMPLES / "finetune.py"),
-            "--model",
-            str(tiny_base),
-            "--dataset",
-            str(DATA),
-            "--output_dir",
-            str(tmp_path / "bad"),
-            "--select",
-            "diffora",
-            "--sample_rate",
-            "1.5",
-        ]
-    )
+    bad = _finetune(tiny_base, tmp_path / "bad", "--select", "diffora", "--sample_rate", "1.5")
     assert bad.returncode != 0 and "sample_rate must be in (0, 1]" in bad.stderr
