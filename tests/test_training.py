@@ -162,3 +162,15 @@ def test_bare_boolean_flags_mean_true():
     assert load_config(TrainConfig, ["--resume", "--epochs", "3"]).resume is True
     assert load_config(TrainConfig, ["--epochs", "3", "--gradient_checkpointing"]).gradient_checkpointing is True
     assert load_config(TrainConfig, ["--resume", "false"]).resume is False
+
+
+def test_script_defaults_sit_beneath_the_config_file_and_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 7\n")
+    defaults = {"learning_rate": 5e-3, "epochs": 2, "seed": 9}
+    cfg = load_config(TrainConfig, ["--config", str(path), "--seed", "1"], defaults=defaults)
+    assert (cfg.learning_rate, cfg.epochs, cfg.seed) == (5e-3, 7, 1)
+    assert load_config(TrainConfig, [], defaults={"epochs": "3"}).epochs == 3  # coerced like any value
+    assert load_config(TrainConfig, []).learning_rate == TrainConfig.learning_rate
+    with pytest.raises(ValueError, match=r"Unknown default fields \['lr'\]"):
+        load_config(TrainConfig, [], defaults={"lr": 1.0})

@@ -1,55 +1,18 @@
 """Write a tiny random LLaDA (our native class) and a character-level chat tokenizer to a folder.
 
-It knows nothing (random weights): it exists so that the fine-tuning command runs end to end in seconds on a
-CPU, e.g. in tests and smoke runs. Real runs use ``GSAI-ML/LLaDA-8B-Instruct``.
+It knows nothing (random weights): it exists so that the fine-tuning command runs end to end in seconds on a CPU,
+e.g. in tests and smoke runs. ``examples/llada/toy/`` is the pretrained toy base (make_toy_base.py); real runs use
+``GSAI-ML/LLaDA-8B-Instruct``.
 
     python examples/llada/make_tiny_base.py outputs/tiny-llada
 """
 
 import argparse
-import string
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
-
-SPECIALS = [
-    "<|startoftext|>",
-    "<|endoftext|>",
-    "<|mdm_mask|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
-# LLaDA-Instruct's Llama-3-style template, reduced to what the tiny model needs.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, plus LLaDA's special tokens."""
-    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
-    vocab = {c: i for i, c in enumerate(["<unk>", *chars])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIALS)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        mask_token="<|mdm_mask|>",
-        additional_special_tokens=SPECIALS[3:],
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+from nara_diffusion.text.toy import char_tokenizer
 
 
 def main() -> None:

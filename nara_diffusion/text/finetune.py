@@ -30,7 +30,8 @@ from torch import nn
 from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
-from .data import SFTSplits, collate_sft, load_sft_data
+from .data import SFTSplits, collate_sft, load_records, load_sft_data
+from .evaluation import ANSWER_KINDS, GenerationEval, evaluate_generation, load_adapter
 from .masking import DEFAULT_EPS, MASKING_MODES
 from .objectives import gift_loss, lift_sft_loss, sft_loss
 from .sampler import noise_bin_name
@@ -77,6 +78,17 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
     lift_rho: str = "code"
     lift_vanilla_coef: float = 3.0
     approximate: bool = False
+    # NaRA's hypernetwork widths (NaRAConfig.hidden_dims)
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 512])
+    # Accuracy of generated answers on a test set before and after training (off while test_dataset is empty):
+    # <output_dir>/test_before.jsonl and test_after.jsonl, and TrainResult.metrics.
+    test_dataset: str = ""
+    test_size: Optional[int] = None  # the first N records; None: all
+    test_kind: str = "auto"  # answer format, see text/evaluation.py
+    test_gen_length: int = 256
+    test_steps: Optional[int] = None  # reverse steps; None: test_gen_length
+    test_block_length: int = 8
+    test_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -106,6 +118,16 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
             raise ValueError(f"masking must be one of {', '.join(MASKING_MODES)}, got {self.masking!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.test_kind not in ANSWER_KINDS:
+            raise ValueError(f"test_kind must be one of {', '.join(ANSWER_KINDS)}, got {self.test_kind!r}.")
+        if self.test_size is not None and self.test_size < 1:
+            raise ValueError(f"test_size must be >= 1 (or none for the whole test set), got {self.test_size}.")
+        steps = self.test_steps or self.test_gen_length
+        if self.test_gen_length % self.test_block_length or not 1 <= steps <= self.test_gen_length:
+            raise ValueError(
+                f"test_block_length ({self.test_block_length}) must divide test_gen_length ({self.test_gen_length}) "
+                f"and 1 <= test_steps <= test_gen_length (got {steps})."
+            )
 
 
 def load_base_model(name: str, dtype: str = "float32", load_in_4bit: bool = False) -> tuple[nn.Module, Any]:
@@ -229,15 +251,20 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         val_size=config.val_size,
         seed=config.val_seed,
     )
+    test_records = load_records(config.test_dataset)[: config.test_size] if config.test_dataset else None
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    before = _test(model, tokenizer, test_records, config, "before")
     if config.adapter == MULTI_LORA:
-        return _run_noise_bins(config, model, tokenizer, splits, mask_token_id)
-    options: dict[str, Union[float, str]] = {}
+        result = _run_noise_bins(config, model, tokenizer, splits, mask_token_id)
+        trained = load_adapter(model, result.final_dir) if before is not None else model
+        return _with_test_metrics(result, before, _test(trained, tokenizer, test_records, config, "after"))
+    options: dict[str, Union[float, str, list[int]]] = {}
     if config.adapter.startswith("nara"):
         options["core_scale"] = config.core_scale
+        options["hidden_dims"] = list(config.hidden_dims)
     model = attach_adapter(
         model,
         config.adapter,
@@ -262,7 +289,49 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
     if trainer.accelerator.is_main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     logger.info("%d training / %d validation examples", len(splits.train), len(splits.val or []))
-    return trainer.train()
+    result = trainer.train()
+    return _with_test_metrics(result, before, _test(model, tokenizer, test_records, config, "after"))
+
+
+def _test(
+    model: nn.Module, tokenizer: Any, records: Optional[list[dict[str, Any]]], config: FinetuneConfig, when: str
+) -> Optional[GenerationEval]:
+    """Accuracy on the test records (main process only), written to ``<output_dir>/test_<when>.jsonl``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    result = None
+    if records is not None and state.is_main_process:
+        was_training = model.training
+        model.to(state.device).eval()
+        result = evaluate_generation(
+            model,
+            tokenizer,
+            records,
+            kind=config.test_kind,
+            prompt_column=config.prompt_column,
+            answer_column=config.answer_column,
+            batch_size=config.test_batch_size,
+            progress=True,
+            gen_length=config.test_gen_length,
+            steps=config.test_steps or config.test_gen_length,
+            block_length=config.test_block_length,
+        )
+        model.train(was_training)
+        result.write_jsonl(Path(config.output_dir) / f"test_{when}.jsonl")
+        logger.info("test accuracy %s training: %.4f (%d/%d)", when, result.accuracy, result.correct, result.total)
+    if records is not None:
+        state.wait_for_everyone()
+    return result
+
+
+def _with_test_metrics(
+    result: TrainResult, before: Optional[GenerationEval], after: Optional[GenerationEval]
+) -> TrainResult:
+    for when, evaluation in (("before", before), ("after", after)):
+        if evaluation is not None:
+            result.metrics[f"test_accuracy_{when}"] = evaluation.accuracy
+    return result
 
 
 def _run_noise_bins(

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -80,10 +80,17 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
-def load_config(cls: type[T], argv: Optional[Sequence[str]] = None, description: str = "") -> T:
+def load_config(
+    cls: type[T],
+    argv: Optional[Sequence[str]] = None,
+    description: str = "",
+    defaults: Optional[Mapping[str, Any]] = None,
+) -> T:
     """Build a ``cls`` dataclass from ``--config file.yaml`` and ``--field value`` overrides (the latter win).
 
-    Unknown keys, in the YAML file or on the command line, are rejected with the list of valid ones.
+    ``defaults`` (field: value) replace the dataclass defaults, beneath the YAML file and the command line; a script
+    uses them for an embedded default run. Unknown keys, in the YAML file, the command line or ``defaults``, are
+    rejected with the list of valid ones.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -97,7 +104,10 @@ def load_config(cls: type[T], argv: Optional[Sequence[str]] = None, description:
     if unknown:
         parser.error(f"unknown arguments {unknown}; valid fields: {', '.join(sorted(fields))}")
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
+    bad = sorted(set(values) - set(fields))
+    if bad:
+        raise ValueError(f"Unknown default fields {bad}; valid fields: {', '.join(sorted(fields))}.")
     if args.config is not None:
         if not args.config.is_file():
             raise FileNotFoundError(f"Config file {args.config} does not exist.")

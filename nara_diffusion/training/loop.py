@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,12 +57,14 @@ class EpochShuffleSampler(Sampler[int]):
 
 @dataclass
 class TrainResult:
-    """What a run produced: the number of optimizer updates, the best validation loss and where things are."""
+    """What a run produced: the number of optimizer updates, the best validation loss, where things are, and any
+    further figures the run measured (e.g. ``test_accuracy_before`` / ``test_accuracy_after``)."""
 
     global_step: int
     best_val_loss: Optional[float]
     final_dir: Path
     best_dir: Optional[Path]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def linear_warmup_decay(total: int, warmup_ratio: float) -> Callable[[int], float]:

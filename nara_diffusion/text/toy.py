@@ -1,0 +1,247 @@
+"""The toy text world: a character-level chat tokenizer, generated arithmetic tasks with exact answers, and the
+small LLaDA configuration that is pretrained on them (``examples/llada/make_toy_base.py``).
+
+Tasks (each a prompt/answer pair in the LLM-Adapters schema, so the real data path reads them), all on two-digit
+numbers 10–99:
+
+- ``add``: "What is 63+45?" → "108";
+- ``sub``: "What is 63-45?" → "18" (a ≥ b: no negative numbers);
+- ``word``: one-step word problems, adding or taking away ("Mia has 23 pens and gets 45. How many now?" → "68");
+- ``sum``: "What is the sum of 63 and 45?" → "108" — the downstream task. The toy base never sees the phrase (it
+  knows 63+45, not "the sum of 63 and 45"), so it starts low and a fine-tune has to teach it the new format.
+
+Held-out problems are fixed once for all (a seeded choice of operand pairs per task, `HOLDOUT_SEED`), so the base
+model's test prompts never appear in its pretraining corpus and the downstream test prompts never appear in the
+downstream training file.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Sequence
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from .evaluation import GenerationEval, evaluate_generation
+from .llada import LLaDAConfig
+
+SPECIAL_TOKENS = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|mdm_mask|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+# LLaDA-Instruct's Llama-3-style template, reduced to what a toy model needs.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+PRETRAIN_TASKS = ("add", "sub", "word")
+DOWNSTREAM_TASK = "sum"
+TASKS = (*PRETRAIN_TASKS, DOWNSTREAM_TASK)
+OPERANDS = range(10, 100)
+HOLDOUT_SEED = 20261122
+#: Held-out problems per task (never trained on: the base model's test sets, and the downstream task's).
+HOLDOUT_SIZE = {"add": 400, "sub": 300, "word": 300, "sum": 400}
+#: Sequence length of the toy SFT examples (the longest word problem + answer + EOS is 72 tokens).
+MAX_LENGTH = 72
+#: Settings of the toy fine-tunes (the example's embedded default run and the quality benchmark). At r = 8 on
+#: q/k/v/attn_out with a (32, 64) hypernetwork NaRA trains 41,120 parameters; peft LoRA at r = 10 trains 40,960.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "adapter": "nara",
+    "r": 8,
+    "hidden_dims": [32, 64],
+    "lora_dropout": 0.0,
+    "learning_rate": 2e-3,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "max_steps": 300,
+    "max_length": MAX_LENGTH,
+    "val_size": 0,
+    "eval_every": 0,
+    "report_to": "none",
+}
+#: Sampler settings for the toy tasks: answers have at most 3 digits, so 8 tokens in one block, one token per step.
+SAMPLER = {"gen_length": 8, "steps": 8, "block_length": 8}
+
+_NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max")
+_ITEMS = ("pens", "cups", "eggs", "hats", "keys", "toys")
+_MORE = ("gets", "finds", "buys")
+_LESS = ("gives", "loses", "sells")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, plus LLaDA's special tokens and a chat template."""
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {c: i for i, c in enumerate(["<unk>", *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def llada_config(
+    tokenizer: PreTrainedTokenizerFast, *, d_model: int = 128, n_layers: int = 4, n_heads: int = 4
+) -> LLaDAConfig:
+    """A small LLaDA (our native class) sized for ``tokenizer``: SwiGLU MLP 3·d, RoPE, no biases, tied to nothing."""
+    return LLaDAConfig(
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        n_layers=n_layers,
+        mlp_hidden_size=3 * d_model,
+        vocab_size=len(tokenizer),
+        embedding_size=len(tokenizer),
+        max_sequence_length=256,
+        rope_theta=10000.0,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# -- problems ---------------------------------------------------------------------------------------------------------
+def _operands(task: str) -> list[tuple[int, int]]:
+    """Every operand pair of a task, in a fixed order."""
+    if task == "sub":
+        return [(a, b) for a in OPERANDS for b in OPERANDS if b <= a]
+    return [(a, b) for a in OPERANDS for b in OPERANDS]
+
+
+def _word_problem(a: int, b: int, rng: random.Random) -> tuple[str, int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    if b <= a and rng.random() < 0.5:
+        verb, answer = rng.choice(_LESS), a - b
+    else:
+        verb, answer = rng.choice(_MORE), a + b
+    return f"{name} has {a} {item} and {verb} {b}. How many now?", answer
+
+
+def make_problem(task: str, a: int, b: int, rng: random.Random) -> dict[str, Any]:
+    """One problem as an LLM-Adapters record (``instruction``, ``input``, ``output``, ``answer``)."""
+    if task == "add":
+        prompt, answer = f"What is {a}+{b}?", a + b
+    elif task == "sub":
+        prompt, answer = f"What is {a}-{b}?", a - b
+    elif task == "word":
+        prompt, answer = _word_problem(a, b, rng)
+    elif task == "sum":
+        prompt, answer = f"What is the sum of {a} and {b}?", a + b
+    else:
+        raise ValueError(f"Unknown toy task {task!r}; choose one of {', '.join(TASKS)}.")
+    return {"instruction": prompt, "input": "", "output": str(answer), "answer": str(answer), "task": task}
+
+
+def split_operands(task: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(train, held_out)`` operand pairs of a task; the held-out ones are fixed by `HOLDOUT_SEED` and come in a
+    shuffled order (so that the first ``n`` are a fair sample)."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown toy task {task!r}; choose one of {', '.join(TASKS)}.")
+    pairs = _operands(task)
+    order = list(range(len(pairs)))
+    random.Random(f"{HOLDOUT_SEED}-{task}").shuffle(order)
+    held = set(order[: HOLDOUT_SIZE[task]])
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in order[: HOLDOUT_SIZE[task]]]
+
+
+def test_records(task: str, n: int | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` held-out problems of a task (all of them by default), always the same ones."""
+    rng = random.Random(f"{HOLDOUT_SEED}-{task}-text")
+    records = [make_problem(task, a, b, rng) for a, b in split_operands(task)[1]]
+    return records if n is None else records[:n]
+
+
+def train_records(tasks: Sequence[str], n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` training problems spread evenly over ``tasks``, shuffled.
+
+    Each task's problems are drawn without replacement from its non-held-out operand pairs, cycling through a
+    fresh permutation when more are asked for than it has.
+    """
+    rng = random.Random(seed)
+    records = []
+    for k, task in enumerate(tasks):
+        count = n // len(tasks) + (k < n % len(tasks))
+        pool = split_operands(task)[0]
+        pairs: list[tuple[int, int]] = []
+        while len(pairs) < count:
+            pairs += rng.sample(pool, min(len(pool), count - len(pairs)))
+        records += [make_problem(task, a, b, rng) for a, b in pairs]
+    rng.shuffle(records)
+    return records
+
+
+def score_tasks(
+    model: nn.Module, tokenizer: Any, tasks: Sequence[str], n: int | None = None, *, batch_size: int = 50
+) -> dict[str, GenerationEval]:
+    """Exact-answer accuracy on each task's held-out problems (the first ``n``), with the noise-aware sampler at the
+    toy `SAMPLER` settings (greedy, low-confidence remasking)."""
+    return {
+        task: evaluate_generation(
+            model, tokenizer, test_records(task, n), kind="exact", batch_size=batch_size, **SAMPLER
+        )
+        for task in tasks
+    }
+
+
+def model_card(report: dict[str, Any]) -> str:
+    """The README of the toy base folder, from the pretraining script's report."""
+    rows = "\n".join(
+        f"| `{task}` | {acc:.1%} | {report['held_out_problems'][task]} |"
+        for task, acc in report["held_out_accuracy"].items()
+    )
+    return f"""# Toy LLaDA
+
+A small `LLaDAModelLM` (nara-diffusion's native LLaDA) with a character-level chat tokenizer, pretrained from
+scratch with the masked-diffusion objective on generated arithmetic (`nara_diffusion.text.toy`: addition and
+subtraction with operands 0-199, one-step word problems). It exists so that fine-tuning, sampling and the quality
+benchmark run anywhere; real runs use `GSAI-ML/LLaDA-8B-Instruct`.
+
+Made with `{report["command"]}` in {report["minutes"]} min ({report["torch_threads"]} torch thread(s), CPU).
+
+Held-out accuracy (exact answer, noise-aware sampler, {report["sampler"]}); `{DOWNSTREAM_TASK}` is the downstream
+task the base model was never taught:
+
+| task | accuracy | problems |
+|---|---|---|
+{rows}
+"""
+
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DOWNSTREAM_TASK",
+    "FINETUNE_DEFAULTS",
+    "MAX_LENGTH",
+    "OPERANDS",
+    "PRETRAIN_TASKS",
+    "SAMPLER",
+    "SPECIAL_TOKENS",
+    "TASKS",
+    "char_tokenizer",
+    "llada_config",
+    "make_problem",
+    "model_card",
+    "score_tasks",
+    "split_operands",
+    "test_records",
+    "train_records",
+]
