@@ -18,38 +18,20 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from PIL import Image, ImageDraw
-from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from nara_diffusion.image.pretrain import clip_tokenizer
+from nara_diffusion.image.toy import draw_subject_images
 
 #: Words that get a token of their own (all other text falls back to one token per character).
 WORDS = "a photo of sks dog toy ball cube in the on snow beach bucket red white striped pattern garden".split()
 MAX_LENGTH = 32  # tokens per prompt (SDXL: 77)
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """A byte-level BPE CLIP tokenizer: every byte (alone and word-final), plus merges that make each of `WORDS`
-    one token. SDXL's second tokenizer pads with ``"!"``."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for symbol in [*alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(symbol, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged, *pieces[2:]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=MAX_LENGTH)
-
-
 def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """The tiny SDXL pipeline, deterministic in ``seed`` (float32, eval mode)."""
     torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    tokenizer, tokenizer_2 = clip_tokenizer(WORDS, MAX_LENGTH), clip_tokenizer(WORDS, MAX_LENGTH, pad_token="!")
     text_config = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -119,37 +101,10 @@ def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 
 
 def draw_instance_images(folder: Path) -> list[Path]:
-    """Five pictures of one toy (a red-and-white striped ball) on different backgrounds, at different sizes,
-    positions and PIL modes (RGB, RGBA, palette), as a user's phone photos would differ."""
-    folder.mkdir(parents=True, exist_ok=True)
-    scenes = [  # (size, background, centre, radius, mode)
-        ((64, 64), (90, 160, 90), (32, 34), 18, "RGB"),
-        ((96, 72), (200, 190, 150), (60, 36), 22, "RGBA"),
-        ((72, 64), (120, 160, 220), (30, 30), 16, "P"),
-        ((80, 80), (235, 235, 240), (44, 46), 24, "RGB"),
-        ((64, 96), (70, 70, 90), (30, 56), 20, "RGB"),
-    ]
-    paths = []
-    for i, (size, background, (cx, cy), radius, mode) in enumerate(scenes):
-        image = Image.new("RGB", size, background)
-        draw = ImageDraw.Draw(image)
-        draw.rectangle((0, size[1] * 3 // 4, size[0], size[1]), fill=tuple(c // 2 for c in background))  # ground
-        for k in range(-radius, radius, 6):  # stripes, clipped to the disc
-            for dy in range(-radius, radius + 1):
-                for dx in range(k, min(k + 3, radius + 1)):
-                    if dx * dx + dy * dy <= radius * radius:
-                        image.putpixel((cx + dx, cy + dy), (220, 30, 40))
-                for dx in range(k + 3, min(k + 6, radius + 1)):
-                    if dx * dx + dy * dy <= radius * radius:
-                        image.putpixel((cx + dx, cy + dy), (250, 250, 250))
-        if mode == "RGBA":
-            image = image.convert("RGBA")
-        elif mode == "P":
-            image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-        path = folder / f"toy_{i}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
+    """Five pictures of one toy (a ball with vertical red and white stripes) on different backgrounds, at different
+    sizes, positions and PIL modes (RGB, RGBA, palette), as a user's phone photos would differ
+    (`nara_diffusion.image.toy.draw_subject_images`)."""
+    return draw_subject_images(folder)
 
 
 def main() -> None:

@@ -1,12 +1,19 @@
 """DreamBooth on SDXL (or SD 1.5 / 2.x) with NaRA, NaRA-C or LoRA: a few photos of a subject → an adapter folder.
 
+    accelerate launch examples/sdxl_dreambooth/train.py        # the embedded toy default, about a minute on a CPU
+    accelerate launch examples/sdxl_dreambooth/train.py --model stabilityai/stable-diffusion-xl-base-1.0 \\
+        --instance_data_dir dog/ --instance_prompt "a photo of sks dog"
     accelerate launch examples/sdxl_dreambooth/train.py \\
-        --instance_data_dir images/ --instance_prompt "a photo of sks dog"
-    accelerate launch examples/sdxl_dreambooth/train.py \\
-        --instance_data_dir images/ --instance_prompt "a photo of sks dog" \\
+        --instance_data_dir dog/ --instance_prompt "a photo of sks dog" \\
         --with_prior_preservation --class_prompt "a photo of a dog" \\
         --validation_prompt "a photo of sks dog in a bucket" \\
         --mixed_precision fp16 --vae madebyollin/sdxl-vae-fp16-fix --gradient_checkpointing --use_8bit_adam
+
+With no ``--model``, ``--config`` or ``--instance_data_dir``, the script fine-tunes the committed toy pipeline
+(``toy/`` next to this file) on the five photos in ``images/`` with toy settings (any other flag still applies),
+prints the subject similarity of "a photo of sks toy" before and after, and writes
+``<output_dir>/before_after.png``. Otherwise the defaults are diffusers' SDXL recipe (``--model`` defaults to
+stabilityai/stable-diffusion-xl-base-1.0).
 
 Every field can be given as ``--field value`` (booleans also as a bare ``--flag``) or in a YAML file
 (``--config run.yaml``); ``--help`` lists them. The adapter lands in ``<output_dir>/final`` (load it with
@@ -14,18 +21,53 @@ Every field can be given as ``--field value`` (booleans also as a bare ``--flag`
 ``<output_dir>``; resume an interrupted run with ``--resume``.
 """
 
-import logging
+from __future__ import annotations
 
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import torch
 from accelerate import PartialState
 
 from nara_diffusion.image.dreambooth import DreamBoothConfig, run_dreambooth
+from nara_diffusion.image.toy_dreambooth import is_toy_run, run_toy_dreambooth, toy_dreambooth_defaults
 from nara_diffusion.training import load_config
+
+HERE = Path(__file__).resolve().parent
+TOY_PIPELINE, TOY_IMAGES = HERE / "toy", HERE / "images"
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> tuple[DreamBoothConfig, bool]:
+    """The run's config, and whether it is the embedded toy run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    toy = is_toy_run(argv)
+    defaults = toy_dreambooth_defaults(TOY_PIPELINE, TOY_IMAGES) if toy else None
+    return load_config(DreamBoothConfig, argv, description=__doc__.splitlines()[0], defaults=defaults), toy
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = load_config(DreamBoothConfig, description=__doc__.splitlines()[0])
-    result = run_dreambooth(config)
-    if PartialState().is_main_process:
-        print(f"done: {result.global_step} updates; adapter in {result.final_dir}")
+    config, toy = parse()
+    if toy:
+        if "OMP_NUM_THREADS" not in os.environ:  # the toy gains nothing from threads and loses much on a busy CPU
+            torch.set_num_threads(1)
+        report = run_toy_dreambooth(config)
+        if report.before is not None:
+            for name, scores in (("before", report.before), ("after", report.after)):
+                print(
+                    f"{name:>6}: subject similarity {scores.subject:.3f} ('{config.instance_prompt}'); "
+                    f"on other backgrounds: background match {scores.context_prompt:.3f}, "
+                    f"subject similarity {scores.context_subject:.3f}"
+                )
+            print(f"before/after grid: {report.grid}")
+        print(f"done: {report.global_step} updates; adapter in {report.final_dir}")
+    else:
+        result = run_dreambooth(config)
+        if PartialState().is_main_process:
+            print(f"done: {result.global_step} updates; adapter in {result.final_dir}")
