@@ -25,8 +25,14 @@ from .pretrain import generate
 from .toy import TOY_RESOLUTION, load_reference_images, prompt_fidelity, subject_similarity
 
 INSTANCE_PROMPT = "a photo of sks toy"
-#: Recontextualisation prompts: the subject on palette backgrounds none of the instance photos has.
-CONTEXT_PROMPTS = ("a photo of sks toy on a green background", "a photo of sks toy on a yellow background")
+CLASS_PROMPT = "a photo of a circle"  # the toy world's nearest class to a ball
+#: Recontextualisation: the subject on palette backgrounds none of the instance photos has.
+CONTEXT_BACKGROUNDS = ("green", "yellow")
+
+
+def context_prompts(instance_prompt: str = INSTANCE_PROMPT) -> list[str]:
+    """``"<instance prompt> on a green background"`` and the same with yellow."""
+    return [f"{instance_prompt} on a {colour} background" for colour in CONTEXT_BACKGROUNDS]
 EVAL_SEEDS = (0, 1, 2, 3)
 #: Fields whose presence on the command line means a real (non-toy) run.
 REAL_RUN_FLAGS = ("--model", "--config", "--instance_data_dir")
@@ -35,19 +41,25 @@ REAL_RUN_FLAGS = ("--model", "--config", "--instance_data_dir")
 def toy_dreambooth_defaults(pipeline_dir: Union[str, Path], images_dir: Union[str, Path]) -> dict[str, Any]:
     """`DreamBoothConfig` fields of the toy run: the toy pipeline and subject at 32 px, NaRA rank 4, 300 updates
     of batch 4 at learning rate 1e-3 (toy scale: the diffusers recipe's 1e-4 × 500 barely moves a model this small),
-    centre crops (random 32-px crops of the wide photos cut the ball), one validation grid at the end."""
+    centre crops (random 32-px crops of the wide photos cut the ball), prior preservation with 20 images of
+    "a photo of a circle" made by the base model (without it, "sks toy" drags every prompt that contains it to the
+    instance photos: background match 0.00 instead of 0.24 in BENCHMARKS.md), one validation grid at the end."""
     return {
         "model": str(Path(pipeline_dir).resolve()),
         "instance_data_dir": str(Path(images_dir).resolve()),
         "instance_prompt": INSTANCE_PROMPT,
         "resolution": TOY_RESOLUTION,
         "center_crop": True,
+        "with_prior_preservation": True,
+        "class_prompt": CLASS_PROMPT,
+        "num_class_images": 20,
+        "sample_batch_size": 10,
         "r": 4,
         "learning_rate": 1e-3,
         "max_steps": 300,
         "batch_size": 4,
         "grad_accum": 1,
-        "validation_prompt": CONTEXT_PROMPTS[0],
+        "validation_prompt": context_prompts()[0],
         "validation_steps": 0,
         "num_inference_steps": 20,
         "output_dir": "outputs/toy-dreambooth",
@@ -78,17 +90,17 @@ def score_toy_subject(
     references: Sequence[Any],
     *,
     instance_prompt: str = INSTANCE_PROMPT,
-    context_prompts: Sequence[str] = CONTEXT_PROMPTS,
     seeds: Sequence[int] = EVAL_SEEDS,
     num_inference_steps: int = 20,
     guidance_scale: float = 5.0,
 ) -> ToyScores:
-    """Generate the instance prompt and the context prompts with fixed ``seeds`` and score them (`subject_similarity`
-    against ``references``; `prompt_fidelity` of the named background)."""
+    """Generate the instance prompt and its `context_prompts` with fixed ``seeds`` and score them
+    (`subject_similarity` against ``references``; `prompt_fidelity` of the named background)."""
     kw = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    contexts = context_prompts(instance_prompt)
     instance = generate(pipe, [instance_prompt], seeds, **kw)
-    context = generate(pipe, list(context_prompts), seeds, **kw)
-    fidelity = [prompt_fidelity(img, context_prompts[k // len(seeds)]) for k, img in enumerate(context)]
+    context = generate(pipe, contexts, seeds, **kw)
+    fidelity = [prompt_fidelity(img, contexts[k // len(seeds)]) for k, img in enumerate(context)]
     return ToyScores(
         subject=subject_similarity(instance, references),
         context_prompt=float(sum(fidelity) / len(fidelity)),
@@ -145,11 +157,13 @@ def run_toy_dreambooth(
 
 
 __all__ = [
-    "CONTEXT_PROMPTS",
+    "CLASS_PROMPT",
+    "CONTEXT_BACKGROUNDS",
     "INSTANCE_PROMPT",
     "ToyRunReport",
     "ToyScores",
     "before_after_grid",
+    "context_prompts",
     "is_toy_run",
     "run_toy_dreambooth",
     "score_toy_subject",
