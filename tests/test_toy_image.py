@@ -135,3 +135,20 @@ def test_no_argument_default_resolves_to_the_toy_files_from_any_directory(tmp_pa
         config, toy = train.parse([*argv, "--instance_data_dir", "dog/", "--instance_prompt", "a photo of sks dog"])
         assert not toy and (config.resolution, config.max_steps, config.learning_rate) == (1024, 500, 1e-4)
     assert config.model == "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_short_toy_dreambooth_run_moves_towards_the_subject_and_writes_the_grid(tmp_path):
+    from nara_diffusion.image.dreambooth import DreamBoothConfig
+    from nara_diffusion.image.toy_dreambooth import run_toy_dreambooth, toy_dreambooth_defaults
+
+    torch.set_num_threads(1)
+    settings = toy_dreambooth_defaults(TOY, IMAGES)
+    settings.update(with_prior_preservation=False, validation_prompt=None, report_to="none",
+                    output_dir=str(tmp_path / "run"))  # fmt: skip
+    report = run_toy_dreambooth(DreamBoothConfig(**settings), seeds=(0, 1))
+    assert report.before.subject < 0.02 and report.before.context_prompt > 0.9  # the base knows backgrounds only
+    assert report.after.subject > 0.1 > 20 * report.before.subject  # the default 300 updates; 100 are not enough
+    assert report.global_step == 300 and (report.final_dir / "nara_weights.safetensors").is_file()
+    from PIL import Image
+
+    assert Image.open(report.grid).size == (2 * 128, 4 * 128)  # 2 seeds; 4 rows: before/after × 2 prompts

@@ -134,16 +134,20 @@ class ToyRunReport:
 
 
 def run_toy_dreambooth(
-    config: DreamBoothConfig, pipe: Optional[Any] = None, grid_name: str = "before_after.png"
+    config: DreamBoothConfig,
+    pipe: Optional[Any] = None,
+    grid_name: str = "before_after.png",
+    seeds: Sequence[int] = EVAL_SEEDS,
 ) -> ToyRunReport:
-    """Score the base pipeline, train (`run_dreambooth`), score again and write ``<output_dir>/<grid_name>``.
+    """Score the base pipeline, train (`run_dreambooth`), score again (pictures from ``seeds``) and write
+    ``<output_dir>/<grid_name>``.
 
     Under ``accelerate launch`` every process trains; only the main one generates and scores.
     """
     main = PartialState().is_main_process
     pipe = pipe or load_base_pipeline(config.model)
     references = load_reference_images(config.instance_data_dir, config.resolution)
-    kw = {"instance_prompt": config.instance_prompt, "num_inference_steps": config.num_inference_steps}
+    kw = {"instance_prompt": config.instance_prompt, "num_inference_steps": config.num_inference_steps, "seeds": seeds}
     before = score_toy_subject(pipe, references, **kw) if main else None
     result = run_dreambooth(config, pipe)
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
