@@ -5,8 +5,9 @@ colours (`PALETTE`) on a plain background of another palette colour, captioned l
 background"``. Everything is drawn at `TOY_RESOLUTION` = 32 px and is a deterministic function of its seed.
 
 The DreamBooth subject (`draw_subject_images`) is what the toy world never shows: a ball with vertical red and white
-stripes (white is not a palette colour, and no pretraining shape is patterned), photographed five times on blue,
-orange and purple backgrounds at different sizes and positions.
+stripes (white is not a palette colour, and no scene the UNet and text encoders learn from is patterned; only the
+VAE's generic `codec_image` pictures are), photographed five times on blue, orange and purple backgrounds at
+different sizes and positions.
 
 Metrics (images are ``[H, W, 3]`` uint8 arrays or PIL images):
 
@@ -393,6 +394,7 @@ __all__ = [
     "draw_scene",
     "draw_subject",
     "draw_subject_images",
+    "foreground_mask",
     "load_reference_images",
     "named_colours",
     "palette_labels",
