@@ -1,26 +1,62 @@
 """Fine-tune a masked diffusion LM (LLaDA) with NaRA, NaRA-C, LoRA or full fine-tuning.
 
+    accelerate launch examples/llada/finetune.py
     accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml
     accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml --adapter lora --r 16
 
-Every field of the YAML file can be given (or overridden) on the command line as ``--field value``; run with
-``--help`` for the list. Adapter folders land in ``<output_dir>/best`` (lowest validation loss) and
-``<output_dir>/final``; resume an interrupted run with ``--resume true``.
+With no ``--model``, ``--dataset`` or ``--config``, the embedded default run fine-tunes the toy LLaDA (``toy/``,
+pretrained on arithmetic) with NaRA on a notation it cannot read yet ("What is 63&45?", "&" for addition; 1,000
+training problems) and prints its accuracy on 100 held-out problems before and after, with sample generations; a
+minute or two on a CPU. Every field of the YAML file can be given (or overridden) on the command line as
+``--field value``; run with ``--help`` for the list. Adapter folders land in ``<output_dir>/best`` (lowest
+validation loss) and ``<output_dir>/final``; resume an interrupted run with ``--resume true``.
 """
 
+import json
 import logging
+import sys
+from pathlib import Path
 
 from accelerate import PartialState
 
+from nara_diffusion.text import toy
 from nara_diffusion.text.finetune import FinetuneConfig, run_finetune
 from nara_diffusion.training import load_config
+
+HERE = Path(__file__).resolve().parent
+TOY_RUN = {
+    "model": str(HERE / "toy"),
+    "dataset": str(HERE / "data" / "toy_amp_train.json"),
+    "test_dataset": str(HERE / "data" / "toy_amp_test.json"),
+    "test_kind": "exact",
+    "test_gen_length": toy.SAMPLER["gen_length"],
+    "test_steps": toy.SAMPLER["steps"],
+    "test_block_length": toy.SAMPLER["block_length"],
+    "test_batch_size": 50,
+    "output_dir": "outputs/toy-llada",
+    **toy.FINETUNE_DEFAULTS,
+}
+
+
+def main() -> None:
+    embedded = not any(a.split("=")[0] in ("--model", "--config", "--dataset") for a in sys.argv[1:])
+    config = load_config(FinetuneConfig, description=__doc__.splitlines()[0], defaults=TOY_RUN if embedded else None)
+    result = run_finetune(config)
+    if not PartialState().is_main_process:
+        return
+    print(f"done: {result.global_step} updates; best val loss {result.best_val_loss}; adapter in {result.final_dir}")
+    if "test_accuracy_after" in result.metrics:
+        after = Path(config.output_dir) / "test_after.jsonl"
+        print(
+            f"test accuracy: before {result.metrics['test_accuracy_before']:.1%} -> "
+            f"after {result.metrics['test_accuracy_after']:.1%} ({config.test_dataset}); generations in {after}"
+        )
+        for line in after.read_text().splitlines()[:5]:
+            record = json.loads(line)
+            print(f"  {record['prompt']!r} -> {record['prediction']!r} (gold {record['gold']})")
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    config = load_config(FinetuneConfig, description=__doc__.splitlines()[0])
-    result = run_finetune(config)
-    if PartialState().is_main_process:
-        print(
-            f"done: {result.global_step} updates; best val loss {result.best_val_loss}; adapter in {result.final_dir}"
-        )
+    main()

@@ -7,8 +7,11 @@ numbers 10–99:
 - ``add``: "What is 63+45?" → "108";
 - ``sub``: "What is 63-45?" → "18" (a ≥ b: no negative numbers);
 - ``word``: one-step word problems, adding or taking away ("Mia has 23 pens and gets 45. How many now?" → "68");
-- ``sum``: "What is the sum of 63 and 45?" → "108" — the downstream task. The toy base never sees the phrase (it
-  knows 63+45, not "the sum of 63 and 45"), so it starts low and a fine-tune has to teach it the new format.
+- ``amp``: "What is 63&45?" → "18" — the downstream task: a notation the toy base never sees, "&" for subtraction
+  (a ≥ b). The operands sit where they sit in ``sub``, so what is new is the notation alone; the base reads the
+  unknown symbol as "+" (92.5% of held-out "&" problems answered as sums), so it starts near 0%. Two rejected
+  candidates: "&" for addition (the base already solves it) and "What is the sum of 63 and 45?" (moving the
+  operands: a 41k-parameter adapter reached ≤ 20% exact answers in 300–900 updates, a poor demonstration).
 
 Held-out problems are fixed once for all (a seeded choice of operand pairs per task, `HOLDOUT_SEED`), so the base
 model's test prompts never appear in its pretraining corpus and the downstream test prompts never appear in the
@@ -45,12 +48,12 @@ CHAT_TEMPLATE = (
 )
 
 PRETRAIN_TASKS = ("add", "sub", "word")
-DOWNSTREAM_TASK = "sum"
+DOWNSTREAM_TASK = "amp"
 TASKS = (*PRETRAIN_TASKS, DOWNSTREAM_TASK)
 OPERANDS = range(10, 100)
 HOLDOUT_SEED = 20261122
 #: Held-out problems per task (never trained on: the base model's test sets, and the downstream task's).
-HOLDOUT_SIZE = {"add": 400, "sub": 300, "word": 300, "sum": 400}
+HOLDOUT_SIZE = {"add": 400, "sub": 300, "word": 300, "amp": 400}
 #: Sequence length of the toy SFT examples (the longest word problem + answer + EOS is 72 tokens).
 MAX_LENGTH = 72
 #: Settings of the toy fine-tunes (the example's embedded default run and the quality benchmark). At r = 8 on
@@ -60,7 +63,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "r": 8,
     "hidden_dims": [32, 64],
     "lora_dropout": 0.0,
-    "learning_rate": 2e-3,
+    "learning_rate": 5e-3,
     "batch_size": 16,
     "grad_accum": 1,
     "max_steps": 300,
@@ -122,7 +125,7 @@ def llada_config(
 # -- problems ---------------------------------------------------------------------------------------------------------
 def _operands(task: str) -> list[tuple[int, int]]:
     """Every operand pair of a task, in a fixed order."""
-    if task == "sub":
+    if task in ("sub", "amp"):
         return [(a, b) for a in OPERANDS for b in OPERANDS if b <= a]
     return [(a, b) for a in OPERANDS for b in OPERANDS]
 
@@ -144,8 +147,8 @@ def make_problem(task: str, a: int, b: int, rng: random.Random) -> dict[str, Any
         prompt, answer = f"What is {a}-{b}?", a - b
     elif task == "word":
         prompt, answer = _word_problem(a, b, rng)
-    elif task == "sum":
-        prompt, answer = f"What is the sum of {a} and {b}?", a + b
+    elif task == "amp":
+        prompt, answer = f"What is {a}&{b}?", a - b
     else:
         raise ValueError(f"Unknown toy task {task!r}; choose one of {', '.join(TASKS)}.")
     return {"instruction": prompt, "input": "", "output": str(answer), "answer": str(answer), "task": task}
@@ -212,10 +215,10 @@ def model_card(report: dict[str, Any]) -> str:
 
 A small `LLaDAModelLM` (nara-diffusion's native LLaDA) with a character-level chat tokenizer, pretrained from
 scratch with the masked-diffusion objective on generated arithmetic (`nara_diffusion.text.toy`: addition and
-subtraction with operands 0-199, one-step word problems). It exists so that fine-tuning, sampling and the quality
+subtraction of two-digit numbers, one-step word problems). It exists so that fine-tuning, sampling and the quality
 benchmark run anywhere; real runs use `GSAI-ML/LLaDA-8B-Instruct`.
 
-Made with `{report["command"]}` in {report["minutes"]} min ({report["torch_threads"]} torch thread(s), CPU).
+Made with `{report["command"]}` on a CPU ({report["minutes"]}).
 
 Held-out accuracy (exact answer, noise-aware sampler, {report["sampler"]}); `{DOWNSTREAM_TASK}` is the downstream
 task the base model was never taught:
