@@ -4,7 +4,7 @@
     python benchmarks/quality.py image --seeds 0 1 2 --out benchmarks/results
 
 Text: the toy LLaDA (``examples/llada/toy``) is fine-tuned on the downstream task it cannot do ("What is 63&45?", "&"
-for addition; the 1,000 training problems of ``examples/llada/data/toy_amp_train.json``) with each method at the
+for subtraction; the 1,000 training problems of ``examples/llada/data/toy_amp_train.json``) with each method at the
 example's toy settings (`nara_diffusion.text.toy.FINETUNE_DEFAULTS`), and scored by exact-answer accuracy on the 100
 held-out problems of ``toy_amp_test.json`` with the noise-aware sampler (greedy, 8 tokens, 8 steps). The adapters are
 matched in trainable parameters (≈ 41k; full fine-tuning trains all 0.88M, the noise-bin set K LoRAs of that size,

@@ -5,7 +5,7 @@
     accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml --adapter lora --r 16
 
 With no ``--model``, ``--dataset`` or ``--config``, the embedded default run fine-tunes the toy LLaDA (``toy/``,
-pretrained on arithmetic) with NaRA on a notation it cannot read yet ("What is 63&45?", "&" for addition; 1,000
+pretrained on arithmetic) with NaRA on a notation it cannot read yet ("What is 63&45?", "&" for subtraction; 1,000
 training problems) and prints its accuracy on 100 held-out problems before and after, with sample generations; a
 minute or two on a CPU. Every field of the YAML file can be given (or overridden) on the command line as
 ``--field value``; run with ``--help`` for the list. Adapter folders land in ``<output_dir>/best`` (lowest

@@ -297,11 +297,13 @@ def _test(
     model: nn.Module, tokenizer: Any, records: Optional[list[dict[str, Any]]], config: FinetuneConfig, when: str
 ) -> Optional[GenerationEval]:
     """Accuracy on the test records (main process only), written to ``<output_dir>/test_<when>.jsonl``."""
+    if records is None:
+        return None
     from accelerate import PartialState
 
     state = PartialState()
     result = None
-    if records is not None and state.is_main_process:
+    if state.is_main_process:
         was_training = model.training
         model.to(state.device).eval()
         result = evaluate_generation(
@@ -320,8 +322,7 @@ def _test(
         model.train(was_training)
         result.write_jsonl(Path(config.output_dir) / f"test_{when}.jsonl")
         logger.info("test accuracy %s training: %.4f (%d/%d)", when, result.accuracy, result.correct, result.total)
-    if records is not None:
-        state.wait_for_everyone()
+    state.wait_for_everyone()
     return result
 
 
