@@ -17,10 +17,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from nara_diffusion.image.pretrain import clip_tokenizer
+from nara_diffusion.image.pretrain import assemble_sdxl, clip_tokenizer
 from nara_diffusion.image.toy import draw_subject_images
 
 #: Words that get a token of their own (all other text falls back to one token per character).
@@ -76,25 +76,7 @@ def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         sample_size=64,
         scaling_factor=0.13025,
     )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
+    pipe = assemble_sdxl(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet)
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
     return pipe

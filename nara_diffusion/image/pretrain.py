@@ -60,6 +60,36 @@ def clip_tokenizer(words: Sequence[str], max_length: int, pad_token: str = "<|en
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
 
 
+def assemble_sdxl(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    tokenizer: CLIPTokenizer,
+    tokenizer_2: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline from its parts, with SDXL's Euler scheduler settings and no watermarker."""
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
 def build_toy_pipeline(seed: int = 0, max_length: int = 16) -> StableDiffusionXLPipeline:
     """The untrained toy pipeline (random weights, float32), deterministic in ``seed``."""
     torch.manual_seed(seed)
@@ -109,25 +139,7 @@ def build_toy_pipeline(seed: int = 0, max_length: int = 16) -> StableDiffusionXL
         norm_num_groups=8,
         sample_size=TOY_RESOLUTION,
     )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
+    pipe = assemble_sdxl(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet)
     pipe.set_progress_bar_config(disable=True)
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
