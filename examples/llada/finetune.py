@@ -35,6 +35,7 @@ TOY_RUN = {
     "test_batch_size": 50,
     "output_dir": "outputs/toy-llada",
     **toy.FINETUNE_DEFAULTS,
+    **toy.DEMO_SCHEDULE,
 }
 
 
