@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from nara_diffusion.image.pretrain import assemble_sdxl, clip_tokenizer
+from nara_diffusion.image.pretrain import assemble_sdxl, clip_text_encoders, clip_tokenizer
 from nara_diffusion.image.toy import draw_subject_images
 
 #: Words that get a token of their own (all other text falls back to one token per character).
@@ -32,21 +31,7 @@ def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """The tiny SDXL pipeline, deterministic in ``seed`` (float32, eval mode)."""
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = clip_tokenizer(WORDS, MAX_LENGTH), clip_tokenizer(WORDS, MAX_LENGTH, pad_token="!")
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    text_encoder, text_encoder_2 = clip_text_encoders(len(tokenizer), MAX_LENGTH, intermediate_size=37)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,

@@ -60,6 +60,27 @@ def clip_tokenizer(words: Sequence[str], max_length: int, pad_token: str = "<|en
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
 
 
+def clip_text_encoders(
+    vocab_size: int, max_length: int, intermediate_size: int
+) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's two text encoders at toy size (width 32, 2 layers, 4 heads; the second with a 32-d projection, which
+    gives the pooled embedding), randomly initialised from the current torch seed, in this order."""
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    return CLIPTextModel(config), CLIPTextModelWithProjection(config)
+
+
 def assemble_sdxl(
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
@@ -95,21 +116,7 @@ def build_toy_pipeline(seed: int = 0, max_length: int = 16) -> StableDiffusionXL
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(TOY_WORDS, max_length)
     tokenizer_2 = clip_tokenizer(TOY_WORDS, max_length, pad_token="!")
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=max_length,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    text_encoder, text_encoder_2 = clip_text_encoders(len(tokenizer), max_length, intermediate_size=64)
     latent_size = TOY_RESOLUTION // 2
     unet = UNet2DConditionModel(
         sample_size=latent_size,
