@@ -11,6 +11,7 @@ from . import text, training
 from .core import (
     NaRAConfig,
     NaRALinear,
+    NaRALoadError,
     NaRAModel,
     NoiseConditionedAdapter,
     NoiseLevelError,
@@ -42,6 +43,7 @@ def __getattr__(name: str):
 __all__ = [
     "NaRAConfig",
     "NaRALinear",
+    "NaRALoadError",
     "NaRAModel",
     "NoiseConditionedAdapter",
     "NoiseLevelError",

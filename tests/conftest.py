@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+
+def f32_tol(reduction_len: int, magnitude: float = 1.0, depth: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """Absolute tolerance for comparing two float computations of the same quantity that differ only in rounding: a
+    batch vs one example at a time (the GEMM kernel blocks the problem differently), another summation order or
+    implementation, another SIMD width (``ATEN_CPU_CAPABILITY``) or thread count. Use ``rtol=0``: the error scales
+    with the magnitude of the whole computation, not with each element, so small elements need the same atol.
+
+    Bound: one length-K reduction whose values are of size ≤ M is off by about √K·u·M (u = eps/2; the K roundings
+    are independent and add in quadrature, the probabilistic form of Higham's K·u·M worst case, which real data never
+    approaches). ``depth`` chained reductions (each matmul, conv, norm, softmax on the longest path; a network with
+    normalised layers passes earlier errors on at gain ≈ 1) add theirs the same way, so each result is off by about
+    √(depth·K)·u·M, and two results differ by at most about twice that. The tolerance is 4·√(depth·K)·eps·M, i.e.
+    four times that difference: room for the tail of the error distribution over many outputs, and for gains a
+    little above 1 (it is far below any real bug, which changes results by orders of magnitude more).
+
+    Only the product depth·K, the number of roundings on the path, matters: for reductions of different lengths pass
+    their sum as ``reduction_len`` (``depth=1``), or a typical length and their count.
+
+    Args:
+        reduction_len: K, the length of the reductions (hidden width, kernel size × channels, sequence length, ...).
+        magnitude: M, the size of the values the reductions produce. After a normalisation (LayerNorm, RMSNorm,
+            GroupNorm) earlier errors shrink with the values, so for a normalised network M is the output's scale;
+            where nothing renormalises (tanh MLPs, perturbed adapter branches, a core C(λ) far from I) it is the
+            largest intermediate.
+        depth: Chained reductions on the longest path (each matmul, conv, norm, softmax).
+        dtype: ``torch.float32`` (eps = 2⁻²³ ≈ 1.19e-7), or ``torch.float64`` / ``torch.bfloat16`` for their eps.
+    """
+    return 4.0 * math.sqrt(depth * reduction_len) * torch.finfo(dtype).eps * magnitude
 
 
 class TinyNet(nn.Module):

@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import TinyNet, perturb_, reference_core, reference_lowrank, tiny_llama
+from conftest import TinyNet, f32_tol, perturb_, reference_core, reference_lowrank, tiny_llama
 
 import nara_diffusion as nd
 
@@ -53,13 +53,16 @@ def test_perturbed_adapter_matches_formula_with_one_lambda_per_example(lora_alph
     lam = torch.tensor([0.05, 0.5, 0.93])
     got = model(x, noise_level=lam)
     expected = _expected_tinynet(reference, model, x, lam, cfg)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # the noise level matters: a different λ for one example changes only that example
+    # another op order (per example, column form): ≈ 900 roundings on the path (hypernetwork 64 + 256 + 512, then
+    # 3 layers of 12 + 4 + 4 and the head); nothing renormalises and the perturbed core C(λ) reaches ≈ 7: ≈ 1e-4
+    tol = f32_tol(900, magnitude=8.0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+    # the noise level matters: a different λ for one example changes only that example (by ≈ 1)
     lam2 = lam.clone()
     lam2[1] = 0.2
     got2 = model(x, noise_level=lam2)
     torch.testing.assert_close(got2[[0, 2]], got[[0, 2]])
-    assert not torch.allclose(got2[1], got[1], atol=1e-4)
+    assert (got2[1] - got[1]).abs().max() > 1000 * tol
 
 
 def test_scalar_lambda_broadcasts_to_the_batch(tiny_net):
@@ -143,7 +146,9 @@ def test_identity_core_matches_peft_lora():
     expected = lora(ids).logits
     got = nara(ids).logits  # the identity core needs no noise level
     assert not torch.allclose(expected, tiny_llama(seed=3)(ids).logits, atol=1e-3)  # the adapter is not a no-op
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # two implementations of s·B·A·x, free to order the ops differently: ≈ 730 roundings (2 layers × ≈ 330, the
+    # final norm and head) behind the final RMSNorm, logits ≤ 0.5: ≈ 6e-6; the adapter itself moves logits by ≈ 0.5
+    torch.testing.assert_close(got, expected, rtol=0, atol=f32_tol(730, magnitude=0.5))
 
 
 def test_constant_core_is_learned_and_ignores_the_noise_level(tiny_net):
@@ -164,7 +169,9 @@ def test_constant_core_is_learned_and_ignores_the_noise_level(tiny_net):
     )
     for lin in tiny_net.layers[1:]:
         h = torch.tanh(lin(h))
-    torch.testing.assert_close(out, tiny_net.head(h), rtol=1e-5, atol=1e-5)
+    # another op order: ≈ 66 roundings (12 + 12 + 3 + 3 in the adapted layer, 12 in each later layer and the head),
+    # values ≤ 3 (the N(0, 1) input), no normalisation: ≈ 1e-5
+    torch.testing.assert_close(out, tiny_net.head(h), rtol=0, atol=f32_tol(66, magnitude=3.0))
 
 
 @pytest.mark.parametrize("embedding,dim", [("mlp", 16), ("raw", 1)])

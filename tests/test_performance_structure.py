@@ -10,8 +10,9 @@
    the sampler's canvas, the hypernetwork (C(λ)), and every adapted layer. On CPU this is checked by construction:
    the Python entry points of a synchronisation (``Tensor.item``, ``tolist``, ``__bool__``, ``__int__``,
    ``__float__``, ``__index__``, ``numpy``) raise while that code runs. The λ *validation* at the model boundary is
-   not part of this: on CPU it reads one boolean on purpose (a clear error for NaN or out-of-range λ); on a GPU it
-   uses ``torch._assert_async`` instead, and with CUDA the whole forward, validation included, runs under
+   not part of this: λ given by a caller is read once on the host on purpose (a clear Python error for NaN or
+   out-of-range λ, also on a GPU); λ the library computes (`ComputedNoiseLevel`: the sampler's canvas, training's t)
+   is not range-checked off the CPU, and with CUDA such a whole forward, validation included, runs under
    ``torch.cuda.set_sync_debug_mode("error")`` (skipped without a GPU).
 """
 
@@ -29,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nara_diffusion as nd
 from nara_diffusion.core import layer as layer_module
 from nara_diffusion.core.hypernet import CoreGenerator
-from nara_diffusion.core.noise import validate_noise_level
+from nara_diffusion.core.noise import ComputedNoiseLevel, validate_noise_level
 from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
 from nara_diffusion.text.sampler import canvas_noise_level
 
@@ -228,13 +229,13 @@ def test_no_host_sync_from_canvas_to_adapted_layers(lam, monkeypatch):
 def test_no_host_sync_in_a_cuda_forward_with_validation():
     model = nara_llada().cuda().eval()
     ids = torch.randint(0, 63, (3, 10), device="cuda")
-    lam = torch.tensor([0.1, 0.5, 0.9], device="cuda")
+    lam = ComputedNoiseLevel(torch.tensor([0.1, 0.5, 0.9], device="cuda"))
     model(ids, noise_level=lam)  # warm-up (lazy CUDA init, caches)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.no_grad():
-            model(ids, noise_level=lam)  # λ validation (torch._assert_async), C(λ), every adapted layer
+            model(ids, noise_level=lam)  # λ's shape check, C(λ), every adapted layer
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

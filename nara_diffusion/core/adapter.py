@@ -7,15 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._compat import in_backward
 from .config import NaRAConfig
 from .hypernet import CoreGenerator, build_embedding
 from .noise import NoiseLevelError, NoiseLevelLike, validate_noise_level
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing recomputes forwards)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 class NoiseConditionedAdapter(nn.Module):
@@ -106,7 +101,7 @@ class NoiseConditionedAdapter(nn.Module):
         Raises outside a forward."""
         if self._active:
             return self._core
-        if self._core_for_backward is not None and _in_backward():
+        if self._core_for_backward is not None and in_backward():
             return self._core_for_backward
         if self.kind == "identity":
             return None
@@ -114,6 +109,13 @@ class NoiseConditionedAdapter(nn.Module):
             "A NaRA layer ran outside a forward pass of its model, so no noise level is set. Call the model "
             "(not a submodule) with noise_level=λ, or wrap the call in `with nd.noise_level(model, λ):`."
         )
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, e.g. for an EMA or a per-thread model) start idle: the per-forward core is not state,
+        # and one kept for a backward is not a graph leaf, which deepcopy refuses.
+        state = self.__dict__.copy()
+        state.update(_core=None, _core_for_backward=None, _active=False)
+        return state
 
     def extra_repr(self) -> str:
         return f"core={self.kind!r}, r={self.r}, core_scale={self.core_scale}"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .._compat import apply_keeping_dtype
 from .config import NaRAConfig
 
 
@@ -26,13 +28,10 @@ class FourierEmbedding(nn.Module):
     def out_dim(self) -> int:
         return 2 * self.W.shape[1]
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FourierEmbedding:
         # Casting a model to fp16/bf16 must not round the frequencies (|W| ~ 16 would lose ~1e-2 rad): W follows
         # device moves but stays float32.
-        W = self.W
-        super()._apply(fn, recurse)
-        self.W = W.to(device=self.W.device)
-        return self
+        return apply_keeping_dtype(self, fn, recurse, ["W"])
 
     def forward(self, lam: torch.Tensor) -> torch.Tensor:
         """``[B]`` → ``[B, dim]``."""

@@ -8,27 +8,53 @@ t / num_train_timesteps for images. Every function here returns a float32 tensor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-
-NoiseLevelLike = Union[float, int, Sequence[float], torch.Tensor]
 
 
 class NoiseLevelError(ValueError):
     """A noise level that is missing, out of range, not finite, or of the wrong shape."""
 
 
-def _as_vector(value: NoiseLevelLike, name: str, device: Optional[torch.device]) -> torch.Tensor:
+@dataclass(frozen=True)
+class ComputedNoiseLevel:
+    """λ that the library computed itself and that lies in range by construction.
+
+    Two kinds of λ reach the model. **Given** λ (whatever a caller passes as ``noise_level=``, to
+    `noise_level`, to `NoiseConditionedAdapter.core`, or a UNet's ``timestep`` from a pipeline) is always checked,
+    on accelerators too: there the check synchronises with the host once per forward, so that a bad value raises a
+    Python `NoiseLevelError` instead of a device-side assert that leaves the CUDA context unusable. **Computed** λ
+    (a realised mask fraction in the sampler, a sampled t in training) is wrapped in this class by the code that
+    computes it: its shape is still checked, its range is checked on the CPU (where that costs nothing) and not on
+    accelerators, so the sampling and training loops never wait for the host.
+
+    Attributes:
+        values: ``[B]`` (or ``[1]``/0-d) tensor in [0, 1] (or in [0, T] for a timestep).
+    """
+
+    values: torch.Tensor
+
+
+NoiseLevelLike = Union[float, int, Sequence[float], torch.Tensor, ComputedNoiseLevel]
+
+
+def _as_vector(value: NoiseLevelLike, name: str) -> torch.Tensor:
+    """``value`` as a float32 vector on the device it came on (CPU for Python numbers), shape checked."""
     if isinstance(value, bool) or value is None:
         raise NoiseLevelError(f"{name} must be a number or a tensor, got {value!r}.")
     if torch.is_tensor(value):
         if value.is_complex() or value.dtype == torch.bool:
             raise NoiseLevelError(f"{name} must be a real floating or integer tensor, got dtype {value.dtype}.")
-        tensor = value.to(device=device if device is not None else value.device, dtype=torch.float32)
+        if value.device.type == "meta":
+            raise NoiseLevelError(
+                f"{name} is a meta tensor, which holds no values; pass a tensor on the CPU or the model's device."
+            )
+        tensor = value.to(dtype=torch.float32)
     else:
         try:
-            tensor = torch.as_tensor(value, dtype=torch.float32, device=device)
+            tensor = torch.as_tensor(value, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as err:
             raise NoiseLevelError(f"{name} must be a number or a tensor, got {value!r}.") from err
     if tensor.dim() == 0:
@@ -50,16 +76,23 @@ def _check_batch(tensor: torch.Tensor, batch_size: Optional[int], name: str) -> 
         )
 
 
-def _check_range(tensor: torch.Tensor, high: float, name: str) -> None:
+def _check_range(tensor: torch.Tensor, high: float, name: str, computed: bool) -> None:
+    if computed and tensor.device.type != "cpu":
+        return  # in range by construction (see ComputedNoiseLevel); checking would stall every step on the host
     ok = torch.isfinite(tensor) & (tensor >= 0) & (tensor <= high)
-    if tensor.device.type != "cpu":
-        # No host sync on accelerators (it would stall every sampling step): the check runs on the device and
-        # fails the next synchronising call with this message.
-        torch._assert_async(ok.all(), f"{name} must be finite and in [0, {high:g}]")
-        return
-    if not bool(ok.all()):
+    if not bool(ok.all()):  # on an accelerator: one host sync, so that the error is a Python exception
         bad = tensor[~ok][:4].tolist()
         raise NoiseLevelError(f"{name} must be finite and in [0, {high:g}], got values such as {bad}.")
+
+
+def _checked(
+    value: NoiseLevelLike, high: float, name: str, batch_size: Optional[int], device: Optional[torch.device]
+) -> torch.Tensor:
+    computed = isinstance(value, ComputedNoiseLevel)
+    tensor = _as_vector(value.values if computed else value, name)
+    _check_batch(tensor, batch_size, name)
+    _check_range(tensor, high, name, computed)  # where the values are: a CPU value is checked before any copy
+    return tensor if device is None else tensor.to(device)
 
 
 def validate_noise_level(
@@ -75,10 +108,7 @@ def validate_noise_level(
     Raises:
         NoiseLevelError: NaN/inf, values outside [0, 1], or a shape that is neither scalar nor ``[batch_size]``.
     """
-    tensor = _as_vector(value, "noise_level", device)
-    _check_batch(tensor, batch_size, "noise_level")
-    _check_range(tensor, 1.0, "noise_level")
-    return tensor
+    return _checked(value, 1.0, "noise_level", batch_size, device)
 
 
 def timestep_to_noise_level(
@@ -89,10 +119,7 @@ def timestep_to_noise_level(
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Normalise diffusion timesteps t ∈ [0, num_train_timesteps] to λ = t / num_train_timesteps, shape ``[B]``."""
-    tensor = _as_vector(timestep, "timestep", device)
-    _check_batch(tensor, batch_size, "timestep")
-    _check_range(tensor, float(num_train_timesteps), "timestep")
-    return tensor / float(num_train_timesteps)
+    return _checked(timestep, float(num_train_timesteps), "timestep", batch_size, device) / float(num_train_timesteps)
 
 
 def noise_level_from_mask(is_masked: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:

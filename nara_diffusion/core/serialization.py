@@ -14,19 +14,19 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import peft
 import torch
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import NoiseConditionedAdapter
-from .config import NARA_PEFT_TYPE, NaRAConfig
-from .tuner import quiet_peft_wrapping, register_with_peft
+from .config import NARA_PEFT_TYPE, NaRAConfig, file_sha256
+from .tuner import attach_transaction, check_targets, is_nara_model, quiet_peft_wrapping, register_with_peft
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,19 +37,46 @@ HYPERNET_PREFIX = "base_model.nara_hypernet."
 PathLike = Union[str, Path]
 
 
-class AdapterLoadError(ValueError):
-    """An adapter folder that cannot be loaded onto the given base model."""
+class NaRALoadError(ValueError):
+    """A NaRA adapter that cannot be loaded: a damaged or malformed file, a config field out of range, or weights
+    that do not fit the model. The message names the file and the field or tensor; the model was not changed."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+#: The former name of `NaRALoadError`.
+AdapterLoadError = NaRALoadError
+
+# Keys peft itself writes into adapter_config.json that are not NaRAConfig fields (ignored without a warning).
+_PEFT_EXTRA_KEYS = {"auto_mapping"}
+
+
+def read_json_object(path: Path, what: str = "adapter config") -> dict[str, Any]:
+    """Read a JSON object (``{...}``) from ``path``; anything else is a `NaRALoadError` naming the file."""
     if not path.is_file():
         raise FileNotFoundError(
             f"No {path.name} in {path.parent}: is this an adapter folder written by save_pretrained?"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterLoadError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise NaRALoadError(f"{path} is not valid JSON ({err}); re-save the adapter.") from err
+    if not isinstance(raw, dict):
+        raise NaRALoadError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object of {what} fields; re-save the adapter."
+        )
+    return raw
+
+
+def build_config(raw: dict[str, Any], where: str) -> NaRAConfig:
+    """`NaRAConfig` from the fields of a config file; unknown keys are ignored with a warning, and a field of the
+    wrong type or out of range is a `NaRALoadError` naming ``where`` and the field."""
+    known = {f.name for f in dataclasses.fields(NaRAConfig) if f.init}
+    unknown = sorted(set(raw) - known - _PEFT_EXTRA_KEYS)
+    if unknown:
+        warnings.warn(f"Ignoring unknown keys in {where}: {unknown}", stacklevel=3)
+    try:
+        return NaRAConfig(**{k: v for k, v in raw.items() if k in known})
+    except (ValueError, TypeError) as err:
+        raise NaRALoadError(f"{where}: {err}") from err
 
 
 def _is_reference_config(raw: dict[str, Any]) -> bool:
@@ -59,26 +86,37 @@ def _is_reference_config(raw: dict[str, Any]) -> bool:
 def read_config(folder: PathLike) -> NaRAConfig:
     """Read and validate the `NaRAConfig` of an adapter folder (unknown keys are ignored with a warning)."""
     folder = Path(folder)
-    raw = _read_json(folder / CONFIG_NAME)
+    path = folder / CONFIG_NAME
+    raw = read_json_object(path)
     if _is_reference_config(raw):
-        raise AdapterLoadError(
+        raise NaRALoadError(
             f"{folder} holds an adapter in the NaRA authors' format (r_ab, c_scale, …); convert it first with "
             f"nd.convert_reference_checkpoint({str(folder)!r}, <new folder>)."
         )
     if raw.get("peft_type") != NARA_PEFT_TYPE:
-        raise AdapterLoadError(
-            f"{folder} holds a {raw.get('peft_type')!r} adapter, not a NaRA one; load it with "
+        raise NaRALoadError(
+            f"{path} (field peft_type) describes a {raw.get('peft_type')!r} adapter, not a NaRA one; load it with "
             "peft.PeftModel.from_pretrained instead."
         )
-    known = {f.name for f in dataclasses.fields(NaRAConfig) if f.init}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        warnings.warn(f"Ignoring unknown keys in {folder / CONFIG_NAME}: {unknown}", stacklevel=3)
-    return NaRAConfig(**{k: v for k, v in raw.items() if k in known})
+    return build_config(raw, str(path))
 
 
-def read_weights(folder: PathLike) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors``, turning a missing or damaged file into a clear error."""
+def check_tensors(state: dict[str, torch.Tensor], where: Union[str, Path]) -> None:
+    """Refuse tensors a NaRA adapter never holds: non-floating dtypes and NaN or infinite values."""
+    for key, tensor in state.items():
+        if not torch.is_floating_point(tensor):
+            raise NaRALoadError(f"{where}: tensor {key} has dtype {tensor.dtype}; NaRA adapters hold floating point.")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise NaRALoadError(
+                f"{where}: tensor {key} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the adapter is "
+                "damaged (or its training diverged) and would turn every output into NaN."
+            )
+
+
+def read_weights(folder: PathLike, sha256: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors``: a missing, damaged (checksum ``sha256`` when known) or non-finite file
+    is a clear error naming the file (and the tensor)."""
     folder = Path(folder)
     path = folder / WEIGHTS_NAME
     if not path.is_file():
@@ -90,49 +128,92 @@ def read_weights(folder: PathLike) -> dict[str, torch.Tensor]:
             )
         raise FileNotFoundError(f"No {WEIGHTS_NAME} in {folder}.{hint}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterLoadError(
-            f"{path} is truncated or corrupt ({err}); re-save the adapter or copy the file again."
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises several types (SafetensorError, OSError, ValueError, ...)
+        raise NaRALoadError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); re-save the adapter or copy the file again."
         ) from err
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise NaRALoadError(
+            f"{path} is damaged or was replaced: its SHA-256 differs from weights_sha256 in {CONFIG_NAME}, written "
+            "when the adapter was saved. Copy the folder again; if you changed the weights on purpose, delete "
+            "weights_sha256 from the config."
+        )
+    check_tensors(state, path)
+    return state
+
+
+def hypernet_shapes(config: NaRAConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of the shared hypernetwork of ``config``, with their shapes (built on the meta device: no memory,
+    no draw from the random number generator)."""
+    with torch.device("meta"):
+        hypernet = NoiseConditionedAdapter(config)
+    return {k: tuple(v.shape) for k, v in hypernet.state_dict().items()}
+
+
+def _modules_to_save(base: nn.Module, config: NaRAConfig, targets: dict[str, nn.Module], where: str) -> dict[str, Any]:
+    """The tensors the file must hold for ``config.modules_to_save`` (matched as peft does: a plain suffix of the
+    module name), keyed as peft saves them, with their shapes."""
+    names = config.modules_to_save or []
+    found = [k for k, _ in base.named_modules(remove_duplicate=False) if k and any(k.endswith(n) for n in names)]
+    clashes = [k for k in found if any(k == t or k.startswith(f"{t}.") or t.startswith(f"{k}.") for t in targets)]
+    clashes += [k for k in found if any(k.startswith(f"{o}.") for o in found)]
+    if clashes:
+        raise NaRALoadError(
+            f"{where} (field modules_to_save): {sorted(set(clashes))[:5]} overlap the NaRA targets or each other; a "
+            "module is either adapted or fully trained, once."
+        )
+    return {
+        f"{MODEL_PREFIX}{path}.{key}": tuple(tensor.shape)
+        for path in found
+        for key, tensor in base.get_submodule(path).state_dict().items()
+    }
 
 
 def _check_fits(base: nn.Module, config: NaRAConfig, weights: dict[str, torch.Tensor], folder: Path) -> None:
-    """Raise `AdapterLoadError` unless every tensor of ``weights`` has a home of the right shape in ``base``."""
+    """Raise `NaRALoadError` unless ``weights`` is exactly what an adapter of ``config`` on ``base`` holds: the
+    targets of the config are ``nn.Linear`` layers of ``base``, each with its A and B of the right shape, and the
+    hypernetwork's tensors (which fix ``r``, ``hidden_dims``, ``embedding`` and ``embedding_dim``) are all there."""
+    try:
+        targets = check_targets(base, config)
+    except ValueError as err:
+        raise NaRALoadError(
+            f"The adapter in {folder} cannot be attached to this base model ({CONFIG_NAME}, field target_modules): "
+            f"{err}"
+        ) from err
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, module in targets.items():
+        expected[f"{MODEL_PREFIX}{path}.nara_A.weight"] = (config.r, module.in_features)
+        expected[f"{MODEL_PREFIX}{path}.nara_B.weight"] = (module.out_features, config.r)
+    expected.update({HYPERNET_PREFIX + k: v for k, v in hypernet_shapes(config).items()})
+    expected.update(_modules_to_save(base, config, targets, str(folder / CONFIG_NAME)))
     problems: list[str] = []
     for key, tensor in weights.items():
-        if key.startswith(HYPERNET_PREFIX):
-            continue
-        for part, expect in ((".nara_A.weight", "A"), (".nara_B.weight", "B")):
-            if key.startswith(MODEL_PREFIX) and key.endswith(part):
-                path = key[len(MODEL_PREFIX) : -len(part)]
-                try:
-                    module = base.get_submodule(path)
-                except AttributeError:
-                    problems.append(f"{path}: no such module in the base model")
-                    break
-                if not isinstance(module, nn.Linear):
-                    problems.append(f"{path}: is a {type(module).__name__}, not nn.Linear")
-                    break
-                shape = (config.r, module.in_features) if expect == "A" else (module.out_features, config.r)
-                if tuple(tensor.shape) != shape:
-                    problems.append(f"{key}: shape {tuple(tensor.shape)} in the file, {shape} expected")
-                break
-        else:
-            if "modules_to_save" not in key:
-                problems.append(f"{key}: not a NaRA key")
-    expected = {HYPERNET_PREFIX + k: v.shape for k, v in NoiseConditionedAdapter(config).state_dict().items()}
-    for key, shape in expected.items():
-        if key not in weights:
-            problems.append(f"{key}: missing from the file")
-        elif weights[key].shape != shape:
-            problems.append(f"{key}: shape {tuple(weights[key].shape)} in the file, {tuple(shape)} expected")
+        if key not in expected:
+            problems.append(f"{key}: not a tensor of an adapter with this config (target_modules, core, embedding)")
+        elif tuple(tensor.shape) != expected[key]:
+            problems.append(f"{key}: shape {tuple(tensor.shape)} in the file, {expected[key]} expected")
+    problems += [f"{key}: missing from the file" for key in expected if key not in weights]
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  …" if len(problems) > 10 else "")
-        raise AdapterLoadError(
-            f"The adapter in {folder} does not fit this base model (was it trained on another model or with "
-            f"another config?):\n  {shown}"
+        raise NaRALoadError(
+            f"The adapter in {folder} does not fit this base model (was it trained on another model, or does "
+            f"{CONFIG_NAME} not match {WEIGHTS_NAME}?):\n  {shown}"
         )
+
+
+def _refuse_adapted(model: nn.Module) -> None:
+    if isinstance(model, peft.PeftModel) or is_nara_model(model):
+        kind = "a NaRA adapter"
+    elif any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        kind = "peft adapter layers"
+    else:
+        return
+    raise NaRALoadError(
+        f"This {type(model).__name__} already carries {kind}; load_nara_model wraps a plain base model. Unload first "
+        "(base = peft_model.unload(), or nd.remove_nara(model) for an adapter attached in place) and load onto the "
+        "base, or use peft_model.load_adapter(path, adapter_name='other') to add a second adapter."
+    )
 
 
 def load_nara_model(
@@ -140,42 +221,41 @@ def load_nara_model(
 ) -> peft.PeftModel:
     """Load a NaRA adapter folder onto ``model`` and return the PeftModel.
 
-    Everything is checked before the model is touched: the config, the safetensors file and the shape of every
-    tensor against the base model's layers. If injection still fails, the adapter is unloaded again, so a failed
-    load leaves ``model`` as it was.
+    Everything is checked before the model is touched: the config (every field), the safetensors file (its
+    checksum when the config records one, its tensors finite) and the shape of every tensor against the layers the
+    config targets. Attaching is all or nothing: if anything still fails, ``model`` is restored exactly.
 
     Args:
-        model: The base model the adapter was trained on.
+        model: The base model the adapter was trained on (without adapters).
         path: Folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         adapter_name: Name to give the adapter.
         is_trainable: Keep the adapter trainable (default: frozen, model in eval mode).
 
     Raises:
         FileNotFoundError: the folder, its config or its weights are missing.
-        ValueError (`AdapterLoadError`): the folder is damaged, in the authors' format, or does not fit ``model``.
+        NaRALoadError (a ValueError): the folder is damaged or malformed, in the authors' format, does not fit
+            ``model``, or ``model`` already carries adapters.
     """
     register_with_peft()
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"No adapter folder at {folder}.")
+    _refuse_adapted(model)
     config = read_config(folder)
-    weights = read_weights(folder)
+    weights = read_weights(folder, sha256=config.weights_sha256)
     _check_fits(model, config, weights, folder)
 
     config.inference_mode = not is_trainable
     model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, peft.PeftModel)
-    with quiet_peft_wrapping():
-        peft_model = model_cls(model, config, adapter_name=adapter_name)
-    try:
+    with attach_transaction(model, configs=[config]):  # a failure below leaves `model` exactly as it was
+        with quiet_peft_wrapping():
+            peft_model = model_cls(model, config, adapter_name=adapter_name)
         result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
         missing = [k for k in result.missing_keys if ".nara_" in k and f".{adapter_name}" in k]
         if missing or result.unexpected_keys:
-            raise AdapterLoadError(
+            raise NaRALoadError(
                 f"Loading {folder} left adapter weights unset {missing[:5]} or unused {result.unexpected_keys[:5]}."
             )
-    except BaseException:
-        peft_model.base_model.unload()
-        raise
     if not is_trainable:
         peft_model.eval()
     return peft_model
@@ -187,32 +267,47 @@ _UNSUPPORTED_REFERENCE = {
 }
 
 
-def _convert_reference_config(raw: dict[str, Any]) -> NaRAConfig:
+def _convert_reference_config(raw: dict[str, Any], where: Path) -> NaRAConfig:
+    if "r_ab" not in raw:
+        raise NaRALoadError(f"{where}: the field r_ab (the adapter rank) is missing; the config is incomplete.")
+
+    def number(name: str, cast: type, default: Any) -> Any:
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (cast is int and value != int(value)):
+            raise NaRALoadError(
+                f"{where}: the field {name} must be {'an integer' if cast is int else 'a number'}, got {value!r}."
+            )
+        return cast(value)
+
     input_mode = raw.get("input_mode", "nl")
     if input_mode in _UNSUPPORTED_REFERENCE["input_mode"]:
-        raise AdapterLoadError(
+        raise NaRALoadError(
             f"input_mode={input_mode!r} (noise density) is not supported; only 'nl' and 'constant' adapters convert."
         )
     if raw.get("mapper_groups"):
-        raise AdapterLoadError("Adapters with mapper_groups (one hypernetwork per module group) are not supported.")
+        raise NaRALoadError("Adapters with mapper_groups (one hypernetwork per module group) are not supported.")
     if raw.get("bias", "none") != "none":
-        raise AdapterLoadError(f"Adapters with bias={raw['bias']!r} are not supported; only bias='none'.")
+        raise NaRALoadError(f"Adapters with bias={raw['bias']!r} are not supported; only bias='none'.")
     if raw.get("fan_in_fan_out", False):
-        raise AdapterLoadError("Adapters with fan_in_fan_out=True are not supported.")
-    return NaRAConfig(
-        r=int(raw["r_ab"]),
-        target_modules=raw.get("target_modules"),
-        core_scale=float(raw.get("c_scale", 1.0)),
-        lora_dropout=float(raw.get("lora_dropout", 0.0)),
-        scaling=float(raw.get("scale_ab", 1.0)),
-        embedding=raw.get("embedding_type", "fourier"),
-        embedding_dim=int(raw.get("embedding_dim", 64)),
-        hidden_dims=(int(raw.get("fnn_hidden_size_1", 256)), int(raw.get("fnn_hidden_size_2", 512))),
-        core="constant" if input_mode == "constant" else "noise",
-        modules_to_save=raw.get("modules_to_save"),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
-        task_type=raw.get("task_type"),
-    )
+        raise NaRALoadError("Adapters with fan_in_fan_out=True are not supported.")
+    fields = {
+        "r": number("r_ab", int, None),
+        "target_modules": raw.get("target_modules"),
+        "core_scale": number("c_scale", float, 1.0),
+        "lora_dropout": number("lora_dropout", float, 0.0),
+        "scaling": number("scale_ab", float, 1.0),
+        "embedding": raw.get("embedding_type", "fourier"),
+        "embedding_dim": number("embedding_dim", int, 64),
+        "hidden_dims": (number("fnn_hidden_size_1", int, 256), number("fnn_hidden_size_2", int, 512)),
+        "core": "constant" if input_mode == "constant" else "noise",
+        "modules_to_save": raw.get("modules_to_save"),
+        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "task_type": raw.get("task_type"),
+    }
+    try:
+        return NaRAConfig(**fields)
+    except (ValueError, TypeError) as err:
+        raise NaRALoadError(f"{where}: {err}") from err
 
 
 def _convert_reference_key(key: str) -> str:
@@ -226,7 +321,7 @@ def _convert_reference_key(key: str) -> str:
             return new + key[len(old) :]
     if key == "base_model.constant_c":
         return HYPERNET_PREFIX + "constant"
-    raise AdapterLoadError(f"Unknown key {key!r} in the reference checkpoint; it cannot be converted.")
+    raise NaRALoadError(f"Unknown key {key!r} in the reference checkpoint; it cannot be converted.")
 
 
 def _write_folder_atomically(dst: Path, write: Any, overwrite: bool) -> None:
@@ -256,28 +351,31 @@ def convert_reference_checkpoint(src: PathLike, dst: PathLike, overwrite: bool =
         The path of the new folder, loadable with ``nd.load_nara_model(base, dst)``.
     """
     src, dst = Path(src), Path(dst)
-    raw = _read_json(src / CONFIG_NAME)
+    raw = read_json_object(src / CONFIG_NAME)
     if not _is_reference_config(raw):
-        raise AdapterLoadError(f"{src} is not in the NaRA authors' format (no r_ab / c_scale in its config).")
-    config = _convert_reference_config(raw)
+        raise NaRALoadError(f"{src} is not in the NaRA authors' format (no r_ab / c_scale in its config).")
+    config = _convert_reference_config(raw, src / CONFIG_NAME)
     if (src / WEIGHTS_NAME).is_file():
         state = read_weights(src)
     elif (src / REFERENCE_WEIGHTS_NAME).is_file():
         try:
             state = torch.load(src / REFERENCE_WEIGHTS_NAME, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for truncated or hostile pickles
-            raise AdapterLoadError(f"{src / REFERENCE_WEIGHTS_NAME} cannot be read safely ({err}).") from err
+            raise NaRALoadError(f"{src / REFERENCE_WEIGHTS_NAME} cannot be read safely ({err}).") from err
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise NaRALoadError(f"{src / REFERENCE_WEIGHTS_NAME} does not hold a state dict (names → tensors).")
+        check_tensors(state, src / REFERENCE_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"No {REFERENCE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {src}.")
     converted = {_convert_reference_key(k): v.detach().contiguous() for k, v in state.items()}
-    expected = set(NoiseConditionedAdapter(config).state_dict())
+    expected = set(hypernet_shapes(config))
     missing = sorted(expected - {k[len(HYPERNET_PREFIX) :] for k in converted if k.startswith(HYPERNET_PREFIX)})
     if missing:
-        raise AdapterLoadError(f"The reference checkpoint lacks hypernetwork tensors: {missing}.")
+        raise NaRALoadError(f"The reference checkpoint lacks hypernetwork tensors: {missing}.")
 
-    def write(folder: Path) -> None:
-        config.save_pretrained(str(folder))
+    def write(folder: Path) -> None:  # weights first: the config records their checksum
         save_file(converted, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(str(folder))
 
     _write_folder_atomically(dst, write, overwrite)
     return dst

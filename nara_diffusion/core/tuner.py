@@ -8,16 +8,21 @@ string ``"NARA"`` so that ``peft.get_peft_model`` and ``PeftModel.from_pretraine
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
+import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import peft
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import DUMMY_TARGET_MODULES
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from .adapter import NoiseConditionedAdapter
@@ -53,6 +58,39 @@ def _first_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class ForwardState:
+    """Which thread runs a NaRA model's forward, and each thread's `noise_level` value.
+
+    A thread may claim the model again without releasing it (a forward interrupted by ``KeyboardInterrupt`` skips
+    the hooks that would release it); another thread may not. Copies and pickles get a fresh, idle state.
+    """
+
+    def __init__(self) -> None:
+        self.context = threading.local()
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+
+    def claim(self) -> bool:
+        """Enter a forward in the calling thread; False if another thread is inside one."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me):
+                return False
+            self._owner = me
+            return True
+
+    def release(self) -> bool:
+        """Leave the forward claimed by the calling thread; False if it holds none."""
+        with self._lock:
+            if self._owner != threading.get_ident():
+                return False
+            self._owner = None
+            return True
+
+    def __reduce__(self) -> tuple:
+        return (ForwardState, ())
+
+
 class NaRAModel(BaseTuner):
     """Peft tuner for NaRA: wraps target linear layers in `NaRALinear` and owns one
     `NoiseConditionedAdapter` per adapter name (``nara_hypernet[adapter_name]``), shared by all its layers."""
@@ -63,18 +101,15 @@ class NaRAModel(BaseTuner):
     uses_shared_state: bool = True
 
     # -- injection ----------------------------------------------------------------------------------------
-    def _pre_injection_hook(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> None:
-        self._ensure_hypernet(model, config, adapter_name)
-
     def _ensure_hypernet(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> NoiseConditionedAdapter:
         """Create the adapter's shared hypernetwork (once) and the model-level λ hooks (once per model).
 
-        Called from `_pre_injection_hook` for the first adapter and lazily from `_create_and_replace`, because
-        ``PeftModel.add_adapter`` injects further adapters without running the injection hooks.
+        Called from `inject_adapter` (inside its transaction, after the targets were checked) and, idempotently,
+        from `_create_and_replace`.
         """
         if "nara_hypernet" not in self._modules:
             self.nara_hypernet = nn.ModuleDict()
-            self._pending_noise_level: Optional[NoiseLevelLike] = None
+            self._forward_state = ForwardState()
             self.noise_level_fn: Optional[NoiseLevelFn] = None
             self._adapters_enabled = True
             self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -90,13 +125,20 @@ class NaRAModel(BaseTuner):
         return self.nara_hypernet[adapter_name]
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        try:
+        """peft's injection, all or nothing: the targets are checked before anything is touched (`check_targets`),
+        and a failure after that restores the model, its hooks and this tuner exactly (`attach_transaction`).
+
+        Every path in goes through here: ``get_nara_model``, ``inject_nara``, ``PeftModel.add_adapter``,
+        ``PeftModel.from_pretrained`` / ``load_adapter`` and ``nd.load_nara_model``.
+        """
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, NaRAConfig):
+            raise TypeError(f"NaRAModel needs a NaRAConfig, got {type(config).__name__}.")
+        state_dict = kwargs.get("state_dict", args[2] if len(args) > 2 else None)
+        check_targets(model, config, state_dict=state_dict)
+        with attach_transaction(self, model, configs=[config]):
+            self._ensure_hypernet(model, config, adapter_name)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except BaseException:
-            # peft forgets the config of an adapter that failed to inject; forget its hypernetwork too
-            if "nara_hypernet" in self._modules and adapter_name in self.nara_hypernet:
-                del self.nara_hypernet[adapter_name]
-            raise
 
     def _create_and_replace(
         self,
@@ -135,6 +177,7 @@ class NaRAModel(BaseTuner):
         if value is None and self.noise_level_fn is not None:
             value = self.noise_level_fn(args, kwargs)
         names = [n for n in self.active_adapters if n in self.nara_hypernet] if self._adapters_enabled else []
+        lams = []
         for name in names:
             hypernet, cfg, lam = self.nara_hypernet[name], self.peft_config[name], None
             if value is not None:  # validated even where unused, so a bad value never passes silently
@@ -151,12 +194,41 @@ class NaRAModel(BaseTuner):
                     "noise_level=λ (a float or a [batch] tensor in [0, 1], or a timestep when the config "
                     "says noise_input='timestep'), or wrap the call in `with nd.noise_level(model, λ):`."
                 )
-            hypernet.begin_forward(lam if hypernet.needs_noise_level else None)
+            lams.append(lam if hypernet.needs_noise_level else None)
+        self._claim_forward()
+        for name, lam in zip(names, lams, strict=True):
+            self.nara_hypernet[name].begin_forward(lam)
         return args, kwargs
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        for hypernet in self.nara_hypernet.values():
-            hypernet.end_forward()
+        # Also runs when the forward (or its pre-hook) raised; a call that never claimed the model clears nothing,
+        # so a forward refused for running beside another thread's leaves that forward's core in place.
+        if self._forward_state.release():
+            for hypernet in self.nara_hypernet.values():
+                hypernet.end_forward()
+
+    def _claim_forward(self) -> None:
+        """Mark this thread as running the model's forward; refuse a concurrent one from another thread.
+
+        λ and C(λ) are per-model state for the length of one forward, so two threads calling one NaRA model at once
+        would read each other's cores. Detecting it costs one lock per forward; run one model per thread instead
+        (or a lock around the call), and use DDP rather than ``nn.DataParallel``, whose replicas share this state.
+        """
+        if not self._forward_state.claim():
+            raise RuntimeError(
+                "This NaRA model is already running a forward in another thread: the noise level is per-model "
+                "state, so concurrent calls would mix their cores. Give each thread its own model (copy.deepcopy) "
+                "or serialise the calls with a lock; for multi-GPU use DDP, not nn.DataParallel."
+            )
+
+    @property
+    def _pending_noise_level(self) -> Optional[NoiseLevelLike]:
+        """The value set by `noise_level(model, λ)` in the calling thread (each thread has its own)."""
+        return getattr(self._forward_state.context, "value", None)
+
+    @_pending_noise_level.setter
+    def _pending_noise_level(self, value: Optional[NoiseLevelLike]) -> None:
+        self._forward_state.context.value = value
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -193,6 +265,151 @@ class NaRAModel(BaseTuner):
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
 
+# -- attaching safely: the fit check and the transaction ------------------------------------------------------
+def resolve_targets(
+    model: nn.Module, config: NaRAConfig, state_dict: Optional[dict[str, torch.Tensor]] = None
+) -> dict[str, nn.Module]:
+    """The modules of ``model`` an adapter of ``config`` would be attached to, found by peft's own rules; touches
+    nothing (``config`` included).
+
+    Mirrors peft's ``BaseTuner.inject_adapter``: the default targets of the ``model_type`` when ``target_modules`` is
+    None, ``"all-linear"`` expanded, ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` honoured
+    (``check_target_module_exists``), modules inside existing adapter layers skipped; given a ``state_dict``, the
+    modules its keys name instead.
+
+    Raises:
+        ValueError: ``target_modules`` is None and the model type has no default.
+    """
+    cfg = copy.copy(config)  # peft's helpers rebind target_modules; the caller's config stays as it is
+    if cfg.target_modules is None:
+        model_config = BaseTuner.get_model_config(model)
+        model_type = model_config.get("model_type") if isinstance(model_config, Mapping) else None
+        defaults = NaRAModel.target_module_mapping.get(model_type)
+        if defaults is None:
+            raise ValueError(
+                f"Please specify target_modules in the NaRAConfig: there is no default for this model "
+                f"({type(model).__name__}, model_type {model_type!r}). Name the nn.Linear layers to adapt, e.g. "
+                "target_modules=['q_proj', 'v_proj'], or use 'all-linear'."
+            )
+        cfg.target_modules = defaults if isinstance(defaults, str) else set(defaults)
+    cfg = _maybe_include_all_linear_layers(cfg, model)
+    if cfg.target_modules == DUMMY_TARGET_MODULES:
+        return {}
+    named = list(model.named_modules())
+    inside_adapters = tuple(f"{key}." for key, module in named if isinstance(module, BaseTunerLayer))
+    from_state = None
+    if state_dict is not None:
+        from_state = {k.rsplit("." + NaRAModel.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+    found: dict[str, nn.Module] = {}
+    for key, module in named:
+        if not key or (inside_adapters and key.startswith(inside_adapters)):
+            continue
+        if from_state is not None:
+            hit = key.removeprefix("_orig_mod.") in from_state
+        else:
+            hit = bool(NaRAModel._check_target_module_exists(cfg, key))  # an excluded module is falsy
+        if hit:
+            found[key] = module
+    return found
+
+
+def _shown_targets(config: NaRAConfig) -> str:
+    targets = config.target_modules
+    return repr(sorted(targets) if isinstance(targets, (set, tuple)) else targets)
+
+
+def check_targets(
+    model: nn.Module, config: NaRAConfig, state_dict: Optional[dict[str, torch.Tensor]] = None
+) -> dict[str, nn.Module]:
+    """Check, before anything is touched, that ``config`` selects at least one module of ``model`` and only
+    ``nn.Linear`` layers (or NaRA layers, for a further adapter); return the selected modules by name.
+
+    Raises:
+        NoMatchingPeftModuleError (a ValueError): the targets match nothing.
+        ValueError: some targets are not ``nn.Linear``; the message lists them with their types.
+    """
+    found = resolve_targets(model, config, state_dict)
+    if not found and config.target_modules != DUMMY_TARGET_MODULES:
+        notes = "".join(
+            f" Note: {name}={getattr(config, name)!r}."
+            for name in ("exclude_modules", "layers_to_transform", "layers_pattern")
+            if getattr(config, name) is not None
+        )
+        raise NoMatchingPeftModuleError(
+            f"Target modules {_shown_targets(config)} not found in the base model ({type(model).__name__}); nothing "
+            f"was changed. Name nn.Linear layers by their name suffix (e.g. 'q_proj'), give a regex matched against "
+            f"full module names, or use 'all-linear'.{notes}"
+        )
+    wrong = [(key, module) for key, module in found.items() if not isinstance(module, (nn.Linear, NaRALayer))]
+    if wrong:
+        listed = ", ".join(f"{key} ({type(module).__name__})" for key, module in wrong[:12])
+        if len(wrong) > 12:
+            listed += f", … and {len(wrong) - 12} more"
+        raise ValueError(
+            f"NaRA adapts torch.nn.Linear layers only, but target_modules={_shown_targets(config)} also select "
+            f"{len(wrong)} module(s) of other kinds: {listed}. Remove them from target_modules (name the Linear "
+            "layers, or narrow the regex) or list them in exclude_modules; nothing was changed."
+        )
+    return found
+
+
+_MISSING = object()
+_CONTAINERS = (dict, collections.OrderedDict, list, set)
+
+
+def _capture(roots: tuple[nn.Module, ...], objects: tuple[Any, ...]) -> Callable[[], None]:
+    """Record what attaching may change under ``roots`` (and in ``objects``, e.g. configs); return the undo.
+
+    Per module: its attribute dict (entries added later are removed, rebound ones put back) and, in place, the
+    contents of every plain dict / list / set it holds: children, parameters, buffers, every hook registry (the
+    ``with_kwargs`` and ``always_called`` ones too), a NaRA layer's per-adapter tables, a tuner's configs and hook
+    handles. Per parameter: ``requires_grad``. Tensor data is not copied: attaching never writes into existing
+    tensors.
+    """
+    modules: dict[int, nn.Module] = {}
+    for root in roots:
+        for module in root.modules():
+            modules.setdefault(id(module), module)
+    records = []
+    for owner in [*modules.values(), *objects]:
+        attrs = dict(vars(owner))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in _CONTAINERS}
+        records.append((vars(owner), attrs, contents))
+    flags = [(p, p.requires_grad) for m in modules.values() for p in m._parameters.values() if p is not None]
+
+    def restore() -> None:
+        for current, attrs, contents in records:
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+            for key, saved in contents.items():
+                container = attrs[key]
+                if isinstance(container, list):
+                    container[:] = saved
+                else:
+                    container.clear()
+                    container.update(saved)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+    return restore
+
+
+@contextlib.contextmanager
+def attach_transaction(*roots: Optional[nn.Module], configs: tuple | list = ()) -> Iterator[None]:
+    """Run an attach (or load) all or nothing: if the block raises, every module under ``roots`` and every object in
+    ``configs`` is put back exactly as it was (replaced layers, hooks, hypernetworks, added attributes such as
+    ``_nara_tuner`` / ``nara_hypernet`` / ``peft_config``, ``requires_grad``), then the error propagates."""
+    restore = _capture(tuple(r for r in roots if r is not None), tuple(configs))
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+
+
 def register_with_peft() -> None:
     """Make ``"NARA"`` a peft method: ``peft.get_peft_model`` / ``PeftModel.from_pretrained`` then work.
 
@@ -218,13 +435,14 @@ def get_nara_model(model: nn.Module, config: NaRAConfig, adapter_name: str = "de
         ``noise_level=λ``: a float or a ``[B]`` tensor.
 
     Raises:
-        ValueError: if ``target_modules`` match nothing in ``model``.
+        ValueError: ``target_modules`` match nothing in ``model``, or select modules that are not ``nn.Linear``
+            (checked before anything is touched; any later failure is rolled back, so ``model`` is unchanged).
     """
     if not isinstance(config, NaRAConfig):
         raise TypeError(f"get_nara_model needs a NaRAConfig, got {type(config).__name__}.")
     register_with_peft()
     was_training = model.training
-    with quiet_peft_wrapping():
+    with attach_transaction(model, configs=[config]), quiet_peft_wrapping():
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     return peft_model.train(was_training)  # new adapter modules (dropout) follow the model's mode
 
@@ -261,28 +479,29 @@ def inject_nara(
 
     Returns:
         ``model``, adapted. `remove_nara` restores it.
+
+    Raises:
+        ValueError: ``adapter_name`` is taken, or ``target_modules`` match nothing or select modules that are not
+            ``nn.Linear``; checked before anything is touched. Any failure leaves ``model`` exactly as it was.
     """
     if not isinstance(config, NaRAConfig):
         raise TypeError(f"inject_nara needs a NaRAConfig, got {type(config).__name__}.")
     register_with_peft()
     was_training = model.training
     tuner = model.__dict__.get(_INPLACE_TUNER)
-    if tuner is None:
-        with quiet_peft_wrapping():
-            tuner = NaRAModel(model, config, adapter_name)
-        model.__dict__[_INPLACE_TUNER] = tuner
-        model.nara_hypernet = tuner.nara_hypernet
-    else:
-        if adapter_name in tuner.peft_config:
-            raise ValueError(f"This model already has a NaRA adapter named {adapter_name!r}.")
-        tuner.peft_config[adapter_name] = config
-        try:
+    if tuner is not None and adapter_name in tuner.peft_config:
+        raise ValueError(f"This model already has a NaRA adapter named {adapter_name!r}.")
+    with attach_transaction(model, tuner, configs=[config]):  # a failure leaves model (and its tuner) as they were
+        if tuner is None:
+            with quiet_peft_wrapping():
+                tuner = NaRAModel(model, config, adapter_name)
+            model.__dict__[_INPLACE_TUNER] = tuner
+            model.nara_hypernet = tuner.nara_hypernet
+        else:
+            tuner.peft_config[adapter_name] = config
             tuner.inject_adapter(model, adapter_name)
-        except BaseException:
-            del tuner.peft_config[adapter_name]
-            raise
-    if noise_level_fn is not None:
-        tuner.noise_level_fn = noise_level_fn
+        if noise_level_fn is not None:
+            tuner.noise_level_fn = noise_level_fn
     return model.train(was_training)
 
 
@@ -346,6 +565,10 @@ def noise_level(model: nn.Module, value: NoiseLevelLike) -> Iterator[None]:
     tuner = find_nara_tuner(model)
     if value is None:
         raise NoiseLevelError("noise_level(model, value) needs a value; got None.")
+    for name in tuner.active_adapters:  # fail here, at the line that set the value, not at the first forward
+        if name in tuner.peft_config:
+            cfg = tuner.peft_config[name]
+            to_noise_level(value, cfg.noise_input, cfg.num_train_timesteps)
     previous = tuner._pending_noise_level
     tuner._pending_noise_level = value
     try:

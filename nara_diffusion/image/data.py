@@ -1,10 +1,10 @@
 """DreamBooth images: folder checks, RGB conversion, resize and crop with SDXL's micro-conditioning, the dataset.
 
-Every image is prepared once, when the dataset is built: converted to RGB (EXIF orientation applied), resized so
-that its shorter side is ``resolution``, optionally mirrored, then centre- or randomly cropped to a square. The
-original size and the crop's top-left corner are kept for SDXL's micro-conditioning. Because the preparation is
-fixed, the VAE can encode each image once (`DreamBoothDataset.encode_latents`); each step then draws a fresh latent
-from the cached distribution.
+Every image is prepared once, when the dataset is built: converted to 8-bit RGB (EXIF orientation applied; 16-bit
+and float images scaled, transparent pixels over white), resized so that its shorter side is ``resolution``,
+optionally mirrored, then centre- or randomly cropped to a square. The original size and the crop's top-left corner
+are kept for SDXL's micro-conditioning. Because the preparation is fixed, the VAE can encode each image once
+(`DreamBoothDataset.encode_latents`); each step then draws a fresh latent from the cached distribution.
 """
 
 from __future__ import annotations
@@ -49,12 +49,60 @@ def list_images(folder: Union[str, Path], what: str = "instance") -> list[Path]:
     return images
 
 
+#: Colour that transparent pixels are composited onto (what most viewers show behind a cut-out).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def grayscale_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (``I;16*``), 32-bit integer (``I``) or float (``F``) grayscale image scaled to 8 bits (mode ``L``);
+    other modes are returned unchanged. PIL's own ``convert`` clips these modes to 0..255, which turns a 16-bit PNG
+    white and a float image in [0, 1] black.
+
+    The range is read from the mode, or guessed from the values where the mode does not fix it: ``I;16*`` is
+    0..65535; ``I`` is 0..255 if every value fits, else 0..65535 (a 16-bit PNG or TIFF), else its own min..max;
+    ``F`` is 0..1 if every value fits, else 0..255, else its own min..max.
+
+    Raises:
+        ValueError: a float image holds NaN or infinity.
+    """
+    mode = image.mode
+    if not (mode in ("I", "F") or mode.startswith("I;16")):
+        return image
+    values = np.asarray(image, dtype=np.float32)  # exact for 16-bit data; ample for an 8-bit result
+    if not np.isfinite(values).all():
+        raise ValueError(f"the {mode} image holds NaN or infinite values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    elif low >= 0 and high <= (1.0 if mode == "F" else 255.0):
+        low, high = 0.0, 1.0 if mode == "F" else 255.0
+    elif low >= 0 and high <= (255.0 if mode == "F" else 65535.0):
+        low, high = 0.0, 255.0 if mode == "F" else 65535.0
+    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: high-bit-depth grayscale scaled (`grayscale_to_8bit`), transparent pixels (alpha
+    channel or a palette's / grayscale's transparent entry) composited onto `ALPHA_BACKGROUND`, other modes
+    (palette, LA, CMYK, ...) by PIL's conversion."""
+    image = grayscale_to_8bit(image)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is not opaque; opaque images pass through unchanged
+            background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    return image.convert("RGB")
+
+
 def open_rgb(path: Union[str, Path]) -> Image.Image:
-    """Open an image, apply its EXIF orientation and convert it to RGB; a damaged file is named in the error."""
+    """Open an image, apply its EXIF orientation and convert it to 8-bit RGB (`to_rgb`: 16-bit and float images
+    scaled, not clipped; transparency over white); a damaged file is named in the error."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path} is not a readable image ({err}); fix or remove it.") from err
 

@@ -32,12 +32,13 @@ from typing import Any, Optional, Union
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from peft.tuners.tuners_utils import check_target_module_exists
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core import NaRAConfig, NaRALinear, NoiseConditionedAdapter
+from .._compat import add_mixin
+from ..core import NaRAConfig, NaRALinear, NaRALoadError, attach_transaction, check_targets
+from ..core.serialization import check_tensors, hypernet_shapes
 from ..training import write_atomically
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
 from .unet import TimestepMap, adapter_names, add_nara, nara_tuner, needs_noise_level, remove_nara
@@ -51,10 +52,6 @@ FORMAT, FORMAT_VERSION = "nara-diffusers", 1
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 PathOrDict = Union[str, Path, dict[str, torch.Tensor]]
-
-
-class NaRALoadError(ValueError):
-    """NaRA weights that cannot be loaded into this pipeline (nothing was changed)."""
 
 
 # -- state dicts --------------------------------------------------------------------------------------------
@@ -85,17 +82,23 @@ def _config_to_dict(config: NaRAConfig) -> dict[str, Any]:
     raw = config.to_dict()
     raw["hidden_dims"] = list(raw["hidden_dims"])
     raw.pop("inference_mode", None)
+    raw.pop("weights_sha256", None)  # the checksum of a core adapter folder's weights; meaningless here
     return raw
 
 
-def _config_from_dict(raw: dict[str, Any], where: str) -> NaRAConfig:
+def _config_from_dict(raw: Any, where: str) -> NaRAConfig:
+    if not isinstance(raw, dict):
+        raise NaRALoadError(f"{where} is a JSON {type(raw).__name__}, not an object of NaRAConfig fields.")
     if raw.get("peft_type", "NARA") != "NARA":
-        raise NaRALoadError(f"{where} describes a {raw.get('peft_type')!r} adapter, not NaRA.")
+        raise NaRALoadError(f"{where} (field peft_type) describes a {raw.get('peft_type')!r} adapter, not NaRA.")
     known = {f.name for f in dataclasses.fields(NaRAConfig) if f.init}
     unknown = sorted(set(raw) - known)
     if unknown:
         logger.warning("Ignoring unknown keys in %s: %s", where, unknown)
-    return NaRAConfig(**{k: v for k, v in raw.items() if k in known})
+    try:
+        return NaRAConfig(**{k: v for k, v in raw.items() if k in known})
+    except (ValueError, TypeError) as err:
+        raise NaRALoadError(f"{where}: {err}") from err
 
 
 def save_nara_weights(
@@ -183,12 +186,17 @@ def read_nara_weights(
         weight_name: File name inside the folder (default ``nara_weights.safetensors``).
         **hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for the Hub.
     """
+    if configs is not None and not all(isinstance(c, NaRAConfig) for c in configs.values()):
+        raise TypeError("configs= maps component names to NaRAConfig objects, e.g. {'unet': NaRAConfig(r=4)}.")
     if isinstance(path_or_dict, dict):
         if not configs:
             raise NaRALoadError(
                 "A state dict carries no NaRA config: pass configs={'unet': NaRAConfig(...), ...}, or load the "
                 "folder written by save_nara_weights."
             )
+        if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in path_or_dict.items()):
+            raise NaRALoadError("The state dict must map names (str) to tensors.")
+        check_tensors(path_or_dict, "the state dict")
         return dict(path_or_dict), dict(configs)
     weights_path, config_path = _resolve(path_or_dict, weight_name, dict(hub_kwargs))
     if not weights_path.is_file():
@@ -199,20 +207,25 @@ def read_nara_weights(
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise NaRALoadError(f"{weights_path} is truncated or corrupt ({err}); save the adapter again.") from err
+    except Exception as err:  # safetensors raises several types (SafetensorError, OSError, ValueError, ...)
+        raise NaRALoadError(
+            f"{weights_path} is truncated or corrupt ({type(err).__name__}: {err}); save the adapter again."
+        ) from err
+    check_tensors(state, weights_path)
     if configs:
         return state, dict(configs)
     if config_path.is_file():
-        text, where = config_path.read_text(), str(config_path)
+        where = str(config_path)
     elif METADATA_KEY in metadata:
-        text, where = metadata[METADATA_KEY], f"the header of {weights_path}"
+        where = f"the header of {weights_path}"
     else:
         raise FileNotFoundError(f"No {CONFIG_NAME} beside {weights_path} and no NaRA config in its header.")
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
+        raw = json.loads(config_path.read_bytes().decode("utf-8") if config_path.is_file() else metadata[METADATA_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise NaRALoadError(f"{where} is not valid JSON ({err}).") from err
+    if not isinstance(raw, dict):
+        raise NaRALoadError(f"{where} holds a JSON {type(raw).__name__}, not a NaRA pipeline adapter config.")
     if raw.get("format") != FORMAT:
         raise NaRALoadError(f"{where} is not a NaRA pipeline adapter config (format {raw.get('format')!r}).")
     return state, {c: _config_from_dict(raw[c], f"{where} [{c}]") for c in COMPONENTS if c in raw}
@@ -232,25 +245,27 @@ def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
     return parts
 
 
-def _expected_shapes(model: nn.Module, config: NaRAConfig) -> dict[str, tuple[int, ...]]:
-    """Every key (without adapter name) an adapter of ``config`` on ``model`` holds, with its shape."""
+def _expected_shapes(model: nn.Module, config: NaRAConfig, component: str) -> dict[str, tuple[int, ...]]:
+    """Every key (without adapter name) an adapter of ``config`` on ``model`` holds, with its shape; refuses targets
+    that match nothing or are not ``nn.Linear`` (the core's `check_targets`, peft's matching rules)."""
+    try:
+        targets = check_targets(model, config)
+    except ValueError as err:
+        raise NaRALoadError(
+            f"The NaRA config of the {component} (field target_modules) does not fit the pipeline's {component}; "
+            f"nothing was changed: {err}"
+        ) from err
     expected: dict[str, tuple[int, ...]] = {}
-    for key, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, NaRALinear)) or ".nara_" in key or key.endswith(".base_layer"):
-            continue
-        if not check_target_module_exists(config, key):
-            continue
+    for key, module in targets.items():
         expected[f"{key}.nara_A.weight"] = (config.r, module.in_features)
         expected[f"{key}.nara_B.weight"] = (module.out_features, config.r)
-    with torch.random.fork_rng(devices=[]):  # the Fourier buffer is drawn at random; keep the caller's RNG
-        hypernet = NoiseConditionedAdapter(config).state_dict()
-    expected.update({f"nara_hypernet.{k}": tuple(v.shape) for k, v in hypernet.items()})
+    expected.update({f"nara_hypernet.{k}": v for k, v in hypernet_shapes(config).items()})
     return expected
 
 
 def check_fits(model: nn.Module, config: NaRAConfig, state: dict[str, torch.Tensor], component: str) -> None:
     """Raise `NaRALoadError` unless ``state`` is exactly what an adapter of ``config`` on ``model`` holds."""
-    expected = _expected_shapes(model, config)
+    expected = _expected_shapes(model, config, component)
     problems = [
         f"{k}: shape {tuple(v.shape)} in the file, {expected[k]} in this {component}"
         for k, v in state.items()
@@ -368,6 +383,13 @@ class NaRALoaderMixin:
             if config.noise_input == "timestep" and custom:
                 raise NaRALoadError(f"The {component} adapter reads λ = t/T; it takes no timestep_to_noise_level.")
             check_fits(models[component], config, parts[component], component)
+        reads_unet = [c for c in parts if c != "unet" and configs[c].needs_noise_level]
+        if reads_unet and "unet" not in parts and nara_tuner(models["unet"]) is None:
+            raise NaRALoadError(
+                f"The {' and '.join(reads_unet)} adapter is conditioned on the noise level, which the pipeline reads "
+                "from the timestep of a NaRA UNet; this adapter has no UNet part and the pipeline's UNet carries no "
+                "NaRA adapter. Load an adapter saved with its UNet (or first one for the UNet)."
+            )
         name = _free_name([models[c] for c in parts], adapter_name)
         scheduler = getattr(self, "scheduler", None)
         scheduler_t = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
@@ -379,23 +401,15 @@ class NaRALoaderMixin:
                 scheduler_t,
                 configs["unet"].num_train_timesteps,
             )
-        done: list[tuple[nn.Module, bool]] = []
-        try:
+        touched = [models[c] for c in parts]
+        # all or nothing: a failure in any component restores every component (and its tuner) exactly
+        with attach_transaction(*touched, *(nara_tuner(m) for m in touched)):
             for component in parts:
                 model, config = models[component], dataclasses.replace(configs[component], inference_mode=True)
-                had_adapter = nara_tuner(model) is not None
                 add_nara(model, config, name, timestep_to_noise_level=timestep_to_noise_level)
-                done.append((model, had_adapter))
                 _load_tensors(model, parts[component], name)
                 nara_tuner(model).set_adapter(name, inference_mode=True)
-        except BaseException:
-            for model, had_adapter in done:
-                if had_adapter:
-                    nara_tuner(model).delete_adapter(name)
-                else:
-                    remove_nara(model)
-            raise
-        self._sync_prompt_encoding()
+            self._sync_prompt_encoding()
 
     @_pipeline_or_class_method
     def save_nara_weights(
@@ -467,24 +481,15 @@ class NaRAStableDiffusionPipeline(NaRALoaderMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` (SD 1.5 / 2.x) with `NaRALoaderMixin`."""
 
 
-_WITH_NARA: dict[type, type] = {}
-
-
 def enable_nara_loading(pipe: Any) -> Any:
     """Give an already built diffusers pipeline the `NaRALoaderMixin` methods, in place; returns it.
 
     ``pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(...))``. The pipeline's
     class becomes a subclass of its own class with the mixin (same name and module, so ``isinstance`` checks,
-    ``save_pretrained`` and ``from_pipe`` behave as before).
+    ``save_pretrained`` and ``from_pipe`` behave as before; see `nara_diffusion._compat.add_mixin`).
     """
-    cls = type(pipe)
     if isinstance(pipe, NaRALoaderMixin):
         return pipe
     if getattr(pipe, "unet", None) is None:
-        raise TypeError(f"{cls.__name__} has no unet; NaRA pipeline loading supports UNet pipelines.")
-    if cls not in _WITH_NARA:
-        _WITH_NARA[cls] = type(
-            cls.__name__, (NaRALoaderMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        )
-    pipe.__class__ = _WITH_NARA[cls]
-    return pipe
+        raise TypeError(f"{type(pipe).__name__} has no unet; NaRA pipeline loading supports UNet pipelines.")
+    return add_mixin(pipe, NaRALoaderMixin)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .._compat import restore_method, shadow_method
 from ..core import noise_level
 from .unet import TimestepReader, nara_tuner, needs_noise_level, unet_reader
 
@@ -60,7 +61,7 @@ class PerStepPromptEncoding:
         self.first: Optional[tuple] = None
         self.cache: dict[float, tuple] = {}
         self.handle = pipe.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
-        pipe.__dict__["encode_prompt"] = self._encode_prompt  # instance attribute: shadows the method
+        shadow_method(pipe, "encode_prompt", self._encode_prompt)  # the pipeline's __call__ now calls ours
 
     def text_encoders(self) -> list[nn.Module]:
         """The pipeline's text encoders whose NaRA adapter needs λ."""
@@ -143,7 +144,7 @@ class PerStepPromptEncoding:
     def remove(self) -> None:
         """Give the pipeline its own ``encode_prompt`` back and drop the UNet hook."""
         self.handle.remove()
-        self.pipe.__dict__.pop("encode_prompt", None)
+        restore_method(self.pipe, "encode_prompt")
 
 
 def enable_per_step_prompt_encoding(pipe: Any) -> PerStepPromptEncoding:

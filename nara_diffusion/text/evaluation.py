@@ -35,6 +35,7 @@ from .data import collate_sft, encode_prompts, to_prompt_answer
 from .masking import MASKING_MODES, MaskingMode
 from .objectives import sft_loss
 from .sampler import Denoiser, MaskRatio, generate, noise_bin_count, noise_bin_index
+from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
 
 logger = logging.getLogger(__name__)
 
@@ -412,6 +413,9 @@ def mc_loglikelihood(
 
     Returns:
         The estimate (a float; higher is more likely).
+
+    Raises:
+        ValueError: a prefix or target id (or the mask token) outside [0, vocab_size) of the model.
     """
     config = getattr(model, "config", None)
     mask_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
@@ -424,10 +428,14 @@ def mc_loglikelihood(
     target = torch.as_tensor(target, dtype=torch.long).flatten()
     if target.numel() == 0:
         raise ValueError("The continuation is empty: there is nothing to score.")
+    vocab_size = model_vocab_size(model)
+    check_token_ids(prefix, vocab_size, "prefix")  # once here; the model's per-forward check is skipped below
+    check_token_ids(target, vocab_size, "target")
+    check_special_ids(vocab_size, mask_token_id=mask_id)
     seq = torch.cat([prefix, target]).to(device)
     width, length = prefix.numel(), target.numel()
     total, done = torch.zeros((), dtype=torch.float64, device=device), 0
-    with Denoiser(model) as denoise:
+    with Denoiser(model) as denoise, token_ids_checked():
         while done < mc_num:
             size = min(batch_size, mc_num - done)
             counts = stratified_mask_counts(size, length, generator).to(device)
@@ -499,15 +507,19 @@ def noise_profile(
     if mask_id is None:
         raise ValueError("No mask token: pass mask_token_id= (the model's config has no mask_token_id).")
     device = next(model.parameters()).device
+    vocab_size = model_vocab_size(model)
+    check_special_ids(vocab_size, mask_token_id=mask_id)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_sft)
     losses = torch.zeros(len(ts), dtype=torch.float64)
-    with Denoiser(model) as denoise:
+    with Denoiser(model) as denoise, token_ids_checked():  # the ids are checked per batch below, before the device
         for i, t in enumerate(tqdm(ts, disable=not progress, desc="noise profile")):
             if denoise.num_bins:
                 denoise.use_bin(min(max(1, math.ceil(t * denoise.num_bins - 1e-9)), denoise.num_bins))
             total, count = 0.0, 0
             for j, batch in enumerate(loader):
                 gen = torch.Generator().manual_seed((seed * 1_000_003 + i) * 100_003 + j)
+                if i == 0:  # on the CPU: no device sync; the same batches come back for every t
+                    check_token_ids(batch["input_ids"], vocab_size, f"input_ids (rows = examples {j * batch_size}+)")
                 ids, prompts = batch["input_ids"].to(device), batch["prompt_lengths"].to(device)
                 loss = sft_loss(model, ids, prompts, mask_token_id=mask_id, generator=gen, t=t, mode=mode).loss
                 total += float(loss) * ids.shape[0]

@@ -41,6 +41,8 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging
 
+from .token_ids import check_token_ids, token_ids_already_checked
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["LLaDABlock", "LLaDAConfig", "LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel", "LLaDARMSNorm"]
@@ -331,9 +333,21 @@ class LLaDAModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """Returns the normalised last hidden state [B, L, d_model] and, if asked, the hidden states: the input of
-        each block, then the final normalised state (n_layers + 1 tensors of [B, L, d_model], as the reference)."""
+        each block, then the final normalised state (n_layers + 1 tensors of [B, L, d_model], as the reference).
+
+        ``input_ids`` on the CPU outside [0, vocab_size) raise a ValueError naming them (one min/max reduction).
+        Not checked: ids on an accelerator (the check would cost a host sync per forward; `generate`,
+        `mc_loglikelihood` and `noise_profile` check theirs once, on entry), inside `token_ids_checked` (the sampler
+        has checked its prompt) and under ``torch.compile``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if (
+            input_ids is not None
+            and input_ids.device.type == "cpu"
+            and not token_ids_already_checked()
+            and not torch.compiler.is_compiling()
+        ):
+            check_token_ids(input_ids, min(self.config.vocab_size, self.transformer["wte"].num_embeddings))
         x = self.transformer["wte"](input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.input_emb_norm:
             x = x * (self.config.d_model**0.5)
@@ -424,7 +438,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         """Bidirectional forward pass.
 
         Args:
-            input_ids: [B, L] token ids (or give ``inputs_embeds`` [B, L, d_model] instead).
+            input_ids: [B, L] token ids in [0, vocab_size) (or give ``inputs_embeds`` [B, L, d_model] instead); on
+                the CPU an id outside raises a ValueError that names it (see `LLaDAModel.forward`).
             attention_mask: [B, L], 1 for real tokens and 0 for padding; keys at padding positions are ignored.
                 ``None`` or all ones means no mask (SDPA can then pick its flash kernel).
             logits_positions: optional bool [B, L]. If given, the LM head runs only there and ``logits`` is [N, V]

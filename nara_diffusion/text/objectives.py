@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from nara_diffusion.core.noise import ComputedNoiseLevel
 from nara_diffusion.core.tuner import is_nara_model
 
 from .masking import DEFAULT_EPS, MaskedBatch, MaskingMode, answer_region, mask_answers, sample_t
@@ -76,7 +77,8 @@ def logits_at(
             ``.logits``.
         input_ids: ``[B, L]``.
         positions: ``[B, L]`` bool; the rows of the result follow ``positions.nonzero()`` (row-major).
-        noise_level: ``[B]``; passed as ``noise_level=`` when given (NaRA models), left out otherwise.
+        noise_level: ``[B]`` λ computed by the library (see `ComputedNoiseLevel`); passed as ``noise_level=`` when
+            given (NaRA models), left out otherwise.
         logits_positions: True: ask the model for those logits only (its forward takes ``logits_positions``);
             False: compute full ``[B, L, V]`` logits and gather; None: True when the model's forward has the
             parameter. A model that returns full logits anyway is gathered as well.
@@ -84,7 +86,8 @@ def logits_at(
     Returns:
         ``[N, V]`` with N = ``positions.sum()``.
     """
-    kwargs = {} if noise_level is None else {"noise_level": noise_level}
+    # λ here is computed by the library (a sampled t or a mask fraction), in [0, 1] by construction
+    kwargs = {} if noise_level is None else {"noise_level": ComputedNoiseLevel(noise_level)}
     if logits_positions is None:
         logits_positions = supports_logits_positions(model)
     if logits_positions:

@@ -47,7 +47,10 @@ import peft
 import torch
 from torch import nn
 
+from nara_diffusion.core.noise import ComputedNoiseLevel
+
 from .objectives import _unwrap_parallel, is_noise_conditioned, supports_logits_positions
+from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
 
 NoiseRule = Literal["generation", "sequence", "block"]
 Remasking = Literal["low_confidence", "random"]
@@ -261,7 +264,7 @@ class Denoiser:
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if lam is not None:
-            kwargs["noise_level"] = lam
+            kwargs["noise_level"] = ComputedNoiseLevel(lam)  # the canvas's mask fraction: in [0, 1] by construction
         if self.logits_positions:
             kwargs["logits_positions"] = positions
         logits = self.model(input_ids, **kwargs).logits
@@ -523,8 +526,9 @@ def generate(
     Raises:
         ValueError: ``gen_length`` not divisible by ``block_length``, ``steps`` not divisible by the number of
             blocks or larger than ``gen_length``, an empty prompt, a prompt that with ``gen_length`` exceeds the
-            model's maximum length, the mask token inside a prompt, padding not on the left, an unknown option, a
-            noise-bin adapter set with a missing bin.
+            model's maximum length, the mask token inside a prompt, padding not on the left, a prompt id (padding
+            included) or special token id outside [0, vocab_size) (``config.vocab_size`` and the input embedding's
+            rows; checked once, before the first step), an unknown option, a noise-bin adapter set with a missing bin.
     """
     config = getattr(model, "config", None)
     mask_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
@@ -534,6 +538,8 @@ def generate(
     if isinstance(eos_id, (list, tuple)):  # some configs list several EOS ids: the first one ends and fills
         eos_id = eos_id[0] if eos_id else None
     input_ids, attention_mask = _check_prompts(input_ids, attention_mask, int(mask_id))
+    vocab_size = model_vocab_size(model)
+    check_token_ids(input_ids, vocab_size)  # once here, so the model's own per-forward check can be skipped below
     device = _model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
@@ -556,10 +562,17 @@ def generate(
         till_eos=bool(till_eos),
         max_length=limit,
     )
+    check_special_ids(
+        vocab_size,
+        mask_token_id=settings.mask_id,
+        eos_token_id=settings.eos_id if settings.till_eos else None,  # written into the canvas only then
+        banned_tokens=banned_tokens,
+        suppress_tokens=suppress_tokens,
+    )
     banned = _id_tensor([*banned_tokens, settings.mask_id], device)  # a committed [MASK] would stay masked
     suppress = _id_tensor(suppress_tokens, device)
     canvas = _start_canvas(input_ids, attention_mask, settings.gen_length, settings.mask_id, settings.cfg_scale > 0)
-    with denoise:
+    with denoise, token_ids_checked():
         for b in range(settings.num_blocks):
             block = (settings.width + b * settings.block_length, settings.width + (b + 1) * settings.block_length)
             for k in _block_steps(settings, canvas, block):
