@@ -216,3 +216,12 @@ def perturb_nara_(*modules: nn.Module, scale: float = 0.3, seed: int = 1) -> Non
     """`perturb_` over several modules (a pipeline's UNet and text encoders)."""
     for i, module in enumerate(modules):
         perturb_(module, scale=scale, seed=seed + i)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a multi-process launch that must not meet another run's."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

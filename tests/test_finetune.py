@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 import nara_diffusion as nd
 
@@ -67,6 +68,8 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_adapters(tiny_base, tmp_pa
             "2",
             "--num_machines",
             "1",
+            "--main_process_port",
+            str(free_port()),
             "--mixed_precision",
             "no",
             "--dynamo_backend",

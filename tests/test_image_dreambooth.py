@@ -232,6 +232,7 @@ def test_nara_dreambooth_trains_logs_and_its_adapter_reloads_exactly(tmp_path, r
     )
     result = run_dreambooth(config, pipe=pipe)
     assert result.global_step == 3 and sorted(p.name for p in result.final_dir.iterdir()) == [
+        "README.md",
         "nara_config.json",
         "nara_weights.safetensors",
         "training_config.json",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_data_parallel_on_two_cpu_processes_with_prior_preservation(tiny_pipelin
     run = tmp_path / "run"
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     launch = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+              "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     _run(
         [*launch, EXAMPLE / "train.py", "--model", tiny_pipeline, "--instance_data_dir", EXAMPLE / "images",
          "--instance_prompt", "a photo of sks toy", "--output_dir", run, *SMALL, "--with_prior_preservation",

@@ -57,7 +57,7 @@ def test_folder_layout_keys_and_config(tmp_path):
     folder = nd.image.NaRAStableDiffusionXLPipeline.save_nara_weights(
         tmp_path / "adapter", unet=pipe.unet, text_encoder_2=pipe.text_encoder_2
     )
-    assert sorted(p.name for p in folder.iterdir()) == ["nara_config.json", "nara_weights.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "nara_config.json", "nara_weights.safetensors"]
     config = json.loads((folder / "nara_config.json").read_text())
     assert set(config) == {"format", "version", "unet", "text_encoder_2"}
     assert sorted(config["unet"]["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]

@@ -99,10 +99,8 @@ def test_resume_after_an_interrupt_replays_the_same_loss_sequence(tmp_path):
         interrupted.train()
     assert json.loads((tmp_path / "resumed" / "state" / "trainer_state.json").read_text())["global_step"] == 4
     _trainer(tmp_path / "resumed", max_steps=8, eval_every=2, resume=True).train()
-    resumed = _log(tmp_path / "resumed")
-    assert len(resumed) == 8 + 1  # update 5 ran twice: before the interrupt and after the resume from 4
-    assert resumed[:5] == pytest.approx(expected[:5], rel=1e-5)
-    assert resumed[5:] == pytest.approx(expected[4:], rel=1e-5)
+    # update 5 ran twice, before the interrupt and after the resume from 4, but the log holds it once
+    assert _log(tmp_path / "resumed") == expected
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):

@@ -1,7 +1,9 @@
 """Adapter folders: loading ours safely, and importing the NaRA authors' format.
 
 Our folder is peft's: ``adapter_config.json`` + ``adapter_model.safetensors``, written by
-``model.save_pretrained(path)``. Keys: ``base_model.model.<module>.nara_A.weight`` (r × d_in),
+``model.save_pretrained(path)``, with a model card (``README.md``, `core/model_card.py`) and no path of the machine
+that wrote it (``base_model_name_or_path`` is a Hub id or null), so it can be published as it is.
+Keys: ``base_model.model.<module>.nara_A.weight`` (r × d_in),
 ``…nara_B.weight`` (d_out × r) and ``base_model.nara_hypernet.<…>`` for the shared hypernetwork
 (``embedding.W`` is the Fourier buffer, ``generator.layers.{0,2,4}`` the MLP, ``constant`` the NaRA-C core).
 """
@@ -18,7 +20,6 @@ from typing import Any, Optional, Union
 
 import peft
 import torch
-from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,15 @@ from torch import nn
 
 from .adapter import NoiseConditionedAdapter
 from .config import NARA_PEFT_TYPE, NaRAConfig, file_sha256
-from .tuner import attach_transaction, check_targets, is_nara_model, quiet_peft_wrapping, register_with_peft
+from .model_card import looks_like_hub_id
+from .tuner import (
+    attach_transaction,
+    check_targets,
+    is_nara_model,
+    nara_peft_model_class,
+    quiet_peft_wrapping,
+    register_with_peft,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -216,6 +225,18 @@ def _refuse_adapted(model: nn.Module) -> None:
     )
 
 
+def _adapter_folder(path: PathLike) -> Path:
+    """The local folder of ``path``: a folder as it is, a Hub repo id ``owner/name`` downloaded (config and weights)."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if looks_like_hub_id(str(path)):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    raise FileNotFoundError(f"No adapter folder at {folder} (nor a Hub repo id owner/name).")
+
+
 def load_nara_model(
     model: nn.Module, path: PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> peft.PeftModel:
@@ -227,7 +248,8 @@ def load_nara_model(
 
     Args:
         model: The base model the adapter was trained on (without adapters).
-        path: Folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        path: Folder with ``adapter_config.json`` and ``adapter_model.safetensors``, or a Hub repo id ``owner/name``
+            holding them (downloaded with ``huggingface_hub.snapshot_download``).
         adapter_name: Name to give the adapter.
         is_trainable: Keep the adapter trainable (default: frozen, model in eval mode).
 
@@ -237,16 +259,14 @@ def load_nara_model(
             ``model``, or ``model`` already carries adapters.
     """
     register_with_peft()
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No adapter folder at {folder}.")
+    folder = _adapter_folder(path)
     _refuse_adapted(model)
     config = read_config(folder)
     weights = read_weights(folder, sha256=config.weights_sha256)
     _check_fits(model, config, weights, folder)
 
     config.inference_mode = not is_trainable
-    model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, peft.PeftModel)
+    model_cls = nara_peft_model_class(config.task_type)
     with attach_transaction(model, configs=[config]):  # a failure below leaves `model` exactly as it was
         with quiet_peft_wrapping():
             peft_model = model_cls(model, config, adapter_name=adapter_name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import inspect
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +19,7 @@ from typing import Any, Optional, Union
 
 import peft
 import torch
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -28,6 +30,7 @@ from torch import nn
 from .adapter import NoiseConditionedAdapter
 from .config import NARA_PEFT_TYPE, NaRAConfig
 from .layer import MERGE_IMPOSSIBLE, NaRALayer, NaRALinear
+from .model_card import finish_adapter_folder
 from .noise import NoiseLevelError, NoiseLevelLike, to_noise_level
 
 #: Default target modules per ``model_type`` when ``target_modules`` is None.
@@ -431,7 +434,8 @@ def get_nara_model(model: nn.Module, config: NaRAConfig, adapter_name: str = "de
         adapter_name: Name of the adapter.
 
     Returns:
-        A ``peft.PeftModel`` (or the task-specific subclass named by ``config.task_type``). Call it with
+        A `NaRAPeftModel`, i.e. a ``peft.PeftModel`` (for a ``config.task_type``, a subclass of peft's task class,
+        e.g. ``peft.PeftModelForCausalLM``) whose ``save_pretrained`` also writes a model card. Call it with
         ``noise_level=λ``: a float or a ``[B]`` tensor.
 
     Raises:
@@ -443,8 +447,83 @@ def get_nara_model(model: nn.Module, config: NaRAConfig, adapter_name: str = "de
     register_with_peft()
     was_training = model.training
     with attach_transaction(model, configs=[config]), quiet_peft_wrapping():
-        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+        _prepare_like_get_peft_model(model, config, adapter_name)
+        peft_model = nara_peft_model_class(config.task_type)(model, config, adapter_name=adapter_name)
     return peft_model.train(was_training)  # new adapter modules (dropout) follow the model's mode
+
+
+def _prepare_like_get_peft_model(model: nn.Module, config: NaRAConfig, adapter_name: str) -> None:
+    """Record the base model's ``name_or_path`` in ``config``, as ``peft.get_peft_model`` does, and warn where peft
+    would: a model that already carries adapter layers, a recorded base that changes, an adapter name inside the
+    parameter prefix (its weights could not be told apart when loading)."""
+    old, new = config.base_model_name_or_path, model.__dict__.get("name_or_path", None) or None
+    config.base_model_name_or_path = new
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        warnings.warn("This model already carries adapter layers; call .unload() first to start afresh.", stacklevel=3)
+    if old is not None and old != new:
+        warnings.warn(f"The config's base_model_name_or_path changes from {old!r} to {new!r}.", stacklevel=3)
+    if adapter_name in NaRAModel.prefix:
+        warnings.warn(
+            f"The adapter name {adapter_name!r} is part of the parameter prefix {NaRAModel.prefix!r}; loading could "
+            "confuse its weights. Choose another name.",
+            stacklevel=3,
+        )
+
+
+# -- the PeftModel classes of NaRA: peft's, with a publishable save ---------------------------------------------------
+class NaRAPeftModelMixin:
+    """What NaRA adds to peft's ``PeftModel`` classes: ``save_pretrained`` also writes a model card (README.md) and
+    keeps paths of this machine out of the folder (``base_model_name_or_path`` is a Hub id or null)."""
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        *args: Any,
+        base_model: Optional[str] = None,
+        model_card: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        """peft's ``save_pretrained`` (same arguments), then `finish_adapter_folder`: the model card and a Hub id
+        (never a local path) as the base model.
+
+        Args:
+            save_directory: The adapter folder.
+            *args, **kwargs: peft's (``safe_serialization``, ``selected_adapters``, ``is_main_process``, ...).
+            base_model: The base model's Hub id ``owner/name``, when the model was loaded from a local folder that
+                does not record it (it also wins over the recorded one).
+            model_card: Training facts for the card, e.g. ``{"data": "…", "steps": 1000, "scores": {"gsm8k": 0.41}}``
+                (see `nara_diffusion.core.model_card.write_model_card`).
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        call = inspect.signature(peft.PeftModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        call.apply_defaults()
+        if call.arguments["is_main_process"]:
+            finish_adapter_folder(
+                self, save_directory, call.arguments["selected_adapters"], base_model=base_model, extra=model_card
+            )
+
+
+class NaRAPeftModel(NaRAPeftModelMixin, peft.PeftModel):
+    """``peft.PeftModel`` for NaRA adapters (see `NaRAPeftModelMixin`)."""
+
+
+def _task_class(base: type) -> type:
+    name = f"NaRA{base.__name__}"
+    cls = type(name, (NaRAPeftModelMixin, base), {"__module__": __name__, "__qualname__": name})
+    cls.__doc__ = f"``peft.{base.__name__}`` for NaRA adapters (see `NaRAPeftModelMixin`)."
+    globals()[name] = cls  # importable by name, so pickle finds it
+    return cls
+
+
+#: NaRA's PeftModel class per ``task_type`` (peft's task classes with `NaRAPeftModelMixin`).
+NARA_PEFT_MODEL_CLASSES: dict[str, type] = {
+    task: _task_class(cls) for task, cls in MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items()
+}
+
+
+def nara_peft_model_class(task_type: Optional[str]) -> type:
+    """The PeftModel class a NaRA adapter with ``task_type`` gets (peft's choice, with `NaRAPeftModelMixin`)."""
+    return NARA_PEFT_MODEL_CLASSES.get(task_type, NaRAPeftModel)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
@@ -41,7 +42,7 @@ from torch import nn
 from ..core import NaRAConfig, noise_level
 from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import TrainConfig, Trainer, TrainResult, build_accelerator
-from ..training.config import config_to_dict
+from ..training.config import check_float, check_int, check_model_path, config_to_dict
 from .data import DreamBoothDataset, check_resolution, collate_dreambooth, list_images
 from .loaders import WEIGHT_NAME, enable_nara_loading, save_nara_weights
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
@@ -50,6 +51,7 @@ from .unet import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, add_nara, ne
 logger = logging.getLogger(__name__)
 
 DREAMBOOTH_ADAPTERS = ("nara", "nara-c", "lora")
+EXAMPLE_PIPELINE = "stabilityai/stable-diffusion-xl-base-1.0"
 TRAINING_CONFIG_NAME = "training_config.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name, for --adapter lora
 VALIDATION_DIR = "validation"
@@ -113,7 +115,9 @@ class DreamBoothConfig(SelectionConfig, TrainConfig):
     lr_schedule: str = "constant"
     eval_every: int = 500  # checkpoint period (diffusers' checkpointing_steps)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ValueError, naming the flag, for settings no run can use (see `TrainConfig.validate`)."""
+        super().validate()
         if not self.instance_data_dir:
             raise ValueError("No instance images: pass --instance_data_dir <folder of images>.")
         if not self.instance_prompt:
@@ -129,8 +133,22 @@ class DreamBoothConfig(SelectionConfig, TrainConfig):
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (or none), got {self.snr_gamma!r}.")
         self.check_selection()
-        if self.num_class_images < 0 or self.num_validation_images < 1 or self.validation_steps < 0:
-            raise ValueError("num_class_images >= 0, num_validation_images >= 1 and validation_steps >= 0, please.")
+        check_float("prior_loss_weight", self.prior_loss_weight, 0.0)
+        check_int("num_class_images", self.num_class_images, 0)
+        check_int("sample_batch_size", self.sample_batch_size, 1)
+        check_int("r", self.r, 1)
+        check_float("core_scale", self.core_scale, 0.0)
+        check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        check_float("scaling", self.scaling, 0.0, low_open=True)
+        check_float("text_encoder_lr", self.text_encoder_lr, 0.0, low_open=True)
+        check_float("text_encoder_weight_decay", self.text_encoder_weight_decay, 0.0)
+        check_int("num_validation_images", self.num_validation_images, 1)
+        check_int("validation_steps", self.validation_steps, 0, hint=" (0: only after the last update)")
+        check_int("num_inference_steps", self.num_inference_steps, 1)
+        check_float("guidance_scale", self.guidance_scale, 0.0)
+        if self.select:
+            check_int("search_steps", self.search_steps, 1)
+            check_float("alpha_lr", self.alpha_lr, 0.0, low_open=True)
 
 
 # -- the base pipeline --------------------------------------------------------------------------------------
@@ -159,6 +177,8 @@ def load_base_pipeline(
         vae_dtype: Dtype of the VAE (default: ``dtype``).
     """
     vae_dtype = vae_dtype or dtype
+    model = check_model_path(model, example=EXAMPLE_PIPELINE)
+    vae = None if vae is None else check_model_path(vae, "vae", example="madebyollin/sdxl-vae-fp16-fix")
     pipe = DiffusionPipeline.from_pretrained(
         model, variant=variant, **dtype_kwargs({"default": dtype, "vae": vae_dtype})
     )
@@ -518,9 +538,14 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
     Returns:
         Where the adapter was written (``result.final_dir``) and how many updates ran.
     """
-    list_images(config.instance_data_dir, "instance")  # fail fast, before loading models
+    config.validate()  # fail fast, before loading models, also for a config changed after construction
+    list_images(config.instance_data_dir, "instance")
+    if pipe is None:
+        check_model_path(config.model, example=EXAMPLE_PIPELINE)
+        if config.vae is not None:
+            check_model_path(config.vae, "vae", example="madebyollin/sdxl-vae-fp16-fix")
     accelerator = build_accelerator(config)
-    torch.manual_seed(config.seed)
+    set_seed(config.seed)
     # Frozen weights in the mixed-precision dtype; SDXL's own VAE overflows in float16, a fixed one (--vae) does not.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if config.vae is None else weight_dtype
@@ -572,6 +597,7 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
         latent_scale = scaling
 
     trained_encoders = text_encoders if config.train_text_encoder else []
+    set_seed(config.seed)  # the adapter and the search start from the seed, whatever ran before (class images)
     attach_adapters(config, unet, trained_encoders, pipe.scheduler)
     for module in (unet, *trained_encoders):  # adapters train in float32 under mixed precision
         for param in module.parameters():
@@ -648,6 +674,7 @@ def load_trained_pipeline(
     model = model or trained.get("model")
     if model is None:
         raise ValueError(f"No base model given and no {TRAINING_CONFIG_NAME} in {adapter_dir}; pass model=.")
+    model = check_model_path(model, example=EXAMPLE_PIPELINE)
     pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwargs(dtype))
     vae = trained.get("vae")
     if vae not in (None, "none") and model == trained.get("model"):

@@ -8,6 +8,7 @@ The folder mirrors diffusers' LoRA folder (``pytorch_lora_weights.safetensors``)
                                  hypernetwork, with the Fourier buffer ``embedding.W``), the same under
                                  ``text_encoder.`` / ``text_encoder_2.`` when the text encoders were adapted
       nara_config.json           {"format": "nara-diffusers", "version": 1, "unet": {NaRAConfig}, "text_encoder": …}
+      README.md                  the model card: base pipeline (a Hub id, never a local path), method, configs, usage
 
 The config is also stored in the safetensors header (key ``nara_config``), so the weights file alone is enough,
 as with diffusers' LoRA metadata. Adapter names are not stored: they are given when loading.
@@ -27,6 +28,7 @@ import json
 import logging
 import re
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -38,6 +40,7 @@ from torch import nn
 
 from .._compat import add_mixin
 from ..core import NaRAConfig, NaRALinear, NaRALoadError, attach_transaction, check_targets
+from ..core.model_card import CARD_NAME, config_name_or_path, hub_base_model, render_model_card
 from ..core.serialization import check_tensors, hypernet_shapes
 from ..training import write_atomically
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
@@ -109,14 +112,21 @@ def save_nara_weights(
     *,
     adapter_name: Optional[str] = None,
     is_main_process: bool = True,
+    base_model: Optional[str] = None,
+    model_card: Optional[Mapping[str, Any]] = None,
 ) -> Path:
-    """Write the NaRA adapters of the given components to ``save_directory`` (atomically).
+    """Write the NaRA adapters of the given components to ``save_directory`` (atomically), with a model card
+    (``README.md``).
 
     Args:
         save_directory: The folder to write (replaced if it exists).
         unet, text_encoder, text_encoder_2: Components carrying NaRA (attached with `add_nara`); at least one.
         adapter_name: Which adapter to save (default: each component's active one).
         is_main_process: Only the main process writes (as with diffusers' ``save_lora_weights``).
+        base_model: The base pipeline's Hub id ``owner/name`` (default: traced from the components' configs; a
+            local path is never written, see `nara_diffusion.core.model_card.hub_base_model`).
+        model_card: Training facts for the card, e.g. ``{"data": "5 photos of sks dog", "steps": 500}``
+            (see `nara_diffusion.core.model_card.write_model_card`).
 
     Returns:
         The folder.
@@ -129,6 +139,7 @@ def save_nara_weights(
         return folder
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
+    saved: dict[str, NaRAConfig] = {}
     for prefix, model in parts.items():
         tuner = nara_tuner(model)
         if tuner is None:
@@ -136,14 +147,44 @@ def save_nara_weights(
         name = adapter_name or tuner.active_adapters[0]
         for key, tensor in nara_state_dict(model, name).items():
             tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
-        configs[prefix] = _config_to_dict(tuner.peft_config[name])
+        saved[prefix] = tuner.peft_config[name]
+        configs[prefix] = _config_to_dict(saved[prefix])
     text = json.dumps(configs, indent=2, sort_keys=True)
+    card = _model_card(parts, saved, base_model, model_card)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHT_NAME), metadata={"format": "pt", METADATA_KEY: text})
         (tmp / CONFIG_NAME).write_text(text + "\n")
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
 
     return write_atomically(folder, write)
+
+
+def _model_card(
+    parts: dict[str, nn.Module],
+    configs: dict[str, NaRAConfig],
+    base_model: Optional[str],
+    extra: Optional[Mapping[str, Any]],
+) -> str:
+    """The README.md of a pipeline adapter folder: the base pipeline's Hub id (or none), one config per component."""
+    names = [name for m in parts.values() if (name := config_name_or_path(m))]
+    # a component's own folder is <pipeline>/<component>: its pipeline folder may record the Hub id
+    hub_id = hub_base_model(base_model, *names, *(Path(name).parent for name in names))
+    usage = (
+        "import nara_diffusion as nd\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = nd.image.enable_nara_loading(DiffusionPipeline.from_pretrained("{hub_id or "<the base pipeline>"}"))\n'
+        'pipe.load_nara_weights("<repo or folder>")\n'
+        'image = pipe("a photo of sks dog").images[0]'
+    )
+    return render_model_card(
+        configs,
+        base_model=hub_id,
+        extra=extra,
+        usage=usage,
+        library_name="nara-diffusion",
+        tags=("diffusers", "text-to-image"),
+    )
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -421,17 +462,30 @@ class NaRALoaderMixin:
         *,
         adapter_name: Optional[str] = None,
         is_main_process: bool = True,
+        base_model: Optional[str] = None,
+        model_card: Optional[Mapping[str, Any]] = None,
     ) -> Path:
-        """Write NaRA weights as ``nara_weights.safetensors`` + ``nara_config.json``.
+        """Write NaRA weights as ``nara_weights.safetensors`` + ``nara_config.json``, with a model card (``README.md``;
+        ``base_model`` and ``model_card`` as in the module-level `save_nara_weights`).
 
         On a pipeline with no components given, saves every component that carries NaRA; on the class (as in
         training scripts), pass the modules: ``Pipeline.save_nara_weights(path, unet=unet)``.
         """
         given = (unet, text_encoder, text_encoder_2)
-        if all(m is None for m in given) and isinstance(self_or_cls, NaRALoaderMixin):
-            carried = {n: m for n, m in self_or_cls._nara_components().items() if nara_tuner(m) is not None}
-            given = tuple(carried.get(n) for n in COMPONENTS)
-        return save_nara_weights(save_directory, *given, adapter_name=adapter_name, is_main_process=is_main_process)
+        if isinstance(self_or_cls, NaRALoaderMixin):
+            if all(m is None for m in given):
+                carried = {n: m for n, m in self_or_cls._nara_components().items() if nara_tuner(m) is not None}
+                given = tuple(carried.get(n) for n in COMPONENTS)
+            # the name the pipeline was loaded under, traced to a Hub id (never written as a local path)
+            base_model = hub_base_model(base_model, config_name_or_path(self_or_cls))
+        return save_nara_weights(
+            save_directory,
+            *given,
+            adapter_name=adapter_name,
+            is_main_process=is_main_process,
+            base_model=base_model,
+            model_card=model_card,
+        )
 
     def unload_nara_weights(self) -> None:
         """Remove every NaRA adapter from the pipeline: its modules compute exactly what they did before."""

@@ -33,6 +33,8 @@ CONTEXT_BACKGROUNDS = ("green", "yellow")
 def context_prompts(instance_prompt: str = INSTANCE_PROMPT) -> list[str]:
     """``"<instance prompt> on a green background"`` and the same with yellow."""
     return [f"{instance_prompt} on a {colour} background" for colour in CONTEXT_BACKGROUNDS]
+
+
 EVAL_SEEDS = (0, 1, 2, 3)
 #: Fields whose presence on the command line means a real (non-toy) run.
 REAL_RUN_FLAGS = ("--model", "--config", "--instance_data_dir")
@@ -144,6 +146,7 @@ def run_toy_dreambooth(
 
     Under ``accelerate launch`` every process trains; only the main one generates and scores.
     """
+    config.validate()  # before the pipeline loads
     main = PartialState().is_main_process
     pipe = pipe or load_base_pipeline(config.model)
     references = load_reference_images(config.instance_data_dir, config.resolution)

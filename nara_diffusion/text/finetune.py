@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
 from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
+from ..training.config import check_float, check_int, check_model_path
+from ..training.loop import has_started
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
 from .data import SFTSplits, collate_sft, load_records, load_sft_data
 from .evaluation import ANSWER_KINDS, GenerationEval, evaluate_generation, load_adapter
@@ -90,9 +93,29 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
     test_block_length: int = 8
     test_batch_size: int = 8
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ValueError, naming the flag, for settings no run can use (see `TrainConfig.validate`)."""
+        super().validate()
         if not self.dataset:
             raise ValueError("No dataset: pass --dataset <file.json|file.jsonl|hub name>.")
+        check_int("max_length", self.max_length, 1)
+        check_int("val_size", self.val_size, 0, hint=" (0: no validation set)")
+        check_int("val_seed", self.val_seed, 0)
+        check_int("r", self.r, 1)
+        check_float("core_scale", self.core_scale, 0.0)
+        check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        check_float("scaling", self.scaling, 0.0, low_open=True)
+        check_float("mask_eps", self.mask_eps, 0.0, 1.0, low_open=True, high_open=True)
+        check_float("lift_vanilla_coef", self.lift_vanilla_coef)
+        for width in self.hidden_dims:
+            check_int("hidden_dims", width, 1)
+        check_int("test_gen_length", self.test_gen_length, 1)
+        check_int("test_steps", self.test_steps, 1, optional=True)
+        check_int("test_block_length", self.test_block_length, 1)
+        check_int("test_batch_size", self.test_batch_size, 1)
+        if self.select:
+            check_int("search_steps", self.search_steps, 1)
+            check_float("alpha_lr", self.alpha_lr, 0.0, low_open=True)
         if self.adapter not in FINETUNE_ADAPTERS:
             raise ValueError(f"adapter must be one of {', '.join(FINETUNE_ADAPTERS)}, got {self.adapter!r}.")
         if self.adapter == MULTI_LORA:
@@ -139,6 +162,7 @@ def load_base_model(name: str, dtype: str = "float32", load_in_4bit: bool = Fals
     """
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    name = check_model_path(name)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if load_in_4bit:
         try:
@@ -236,8 +260,11 @@ def _save_with_tokenizer(model: nn.Module, folder: Path, tokenizer: Any) -> None
 def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, tokenizer: Any = None) -> TrainResult:
     """Load the base model and data, attach the adapter and train; returns where the weights were written.
 
-    ``model``/``tokenizer`` may be given directly (then ``config.model`` is not loaded).
+    ``model``/``tokenizer`` may be given directly (then ``config.model`` is not loaded). Everything random (the
+    adapter's initial weights, DiffoRA's search, dropout, masking) follows from ``config.seed`` alone.
     """
+    config.validate()  # before anything loads, also for a config changed after construction
+    set_seed(config.seed)
     if model is None or tokenizer is None:
         model, tokenizer = load_base_model(config.model, config.dtype, config.load_in_4bit)
     mask_token_id = model.config.mask_token_id
@@ -265,6 +292,7 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
     if config.adapter.startswith("nara"):
         options["core_scale"] = config.core_scale
         options["hidden_dims"] = list(config.hidden_dims)
+    set_seed(config.seed)  # the adapter and the search start from the seed, whatever ran before (e.g. the test)
     model = attach_adapter(
         model,
         config.adapter,
@@ -343,8 +371,9 @@ def _run_noise_bins(
     results: list[TrainResult] = []
     for index in range(1, config.bins + 1):
         name = noise_bin_name(index)
-        resume = config.resume and (root / name / "state").is_dir()  # a bin not started yet starts afresh
+        resume = config.resume and has_started(root / name)  # a bin not started yet starts afresh
         bin_config = dataclasses.replace(config, output_dir=str(root / name), resume=resume)
+        set_seed(config.seed)  # each bin's adapter starts from the seed alone
         peft_model = attach_adapter(
             model,
             "lora",

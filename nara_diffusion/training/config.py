@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -14,6 +16,80 @@ from typing import Any, Optional, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+LR_SCHEDULE_NAMES = ("linear", "constant")
+MIXED_PRECISION_MODES = ("no", "fp16", "bf16", "fp8")
+REPORT_TO = ("tensorboard", "none")
+
+
+def check_int(name: str, value: Any, minimum: int = 0, *, optional: bool = False, hint: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int >= ``minimum`` (or None when ``optional``), naming ``--name``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        unset = " (or none)" if optional and not hint else ""
+        raise ValueError(f"--{name} must be an integer >= {minimum}{unset}{hint}, got {value!r}.")
+
+
+def check_float(
+    name: str,
+    value: Any,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise ValueError unless ``value`` is a finite number in the interval (each bound open or closed), naming the
+    flag ``--name``."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        unset = " (or none)" if optional and not hint else ""
+        raise ValueError(f"--{name} must be a finite number in {interval}{unset}{hint}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}.")
+
+
+def check_model_path(name: str, flag: str = "model", example: str = "GSAI-ML/LLaDA-8B-Instruct") -> str:
+    """``name`` as ``from_pretrained`` should get it: an existing folder (``~`` expanded) or a Hub id.
+
+    A name that is meant as a local path (it starts with ``.``, ``/`` or ``~``, or is no valid Hub id, e.g. has two
+    slashes) but is no folder raises FileNotFoundError here, instead of the Hub's "Repo id must be in the form" error
+    later. A valid Hub id that is no local folder is returned unchanged (the Hub decides).
+    """
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"--{flag} {name} is a file; give the folder that holds the model (or a Hub id).")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    local = name.startswith((".", "/", "~", os.sep))
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        local = True
+    if local:
+        raise FileNotFoundError(
+            f"--{flag} {name}: no such folder ({path.resolve()}); give an existing folder (or a Hub id like {example})."
+        )
+    return name
 
 
 @dataclass
@@ -44,6 +120,33 @@ class TrainConfig:
     report_to: str = "tensorboard"  # "tensorboard" | "none"
     resume: bool = False
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the flag and the fix, for a setting no run can use (called on construction and
+        again by the runners and the `Trainer`, before anything loads, for configs changed after construction)."""
+        check_int("seed", self.seed, 0)
+        if self.seed >= 2**32:
+            raise ValueError(f"--seed must be < 2**32 (numpy's limit), got {self.seed}.")
+        check_float("learning_rate", self.learning_rate, 0.0, low_open=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("max_steps", self.max_steps, 1, optional=True, hint=", or leave it unset to train for --epochs")
+        check_int("batch_size", self.batch_size, 1)
+        check_int("grad_accum", self.grad_accum, 1)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("adam_beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
+        check_float("adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
+        check_float("adam_eps", self.adam_eps, 0.0)
+        check_float("max_grad_norm", self.max_grad_norm, 0.0, hint=" (0 turns clipping off)")
+        check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULE_NAMES)
+        check_int("eval_every", self.eval_every, 0, hint=" (0 turns validation and checkpoints off)")
+        if self.mixed_precision is not None:
+            check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_MODES)
+        check_choice("report_to", self.report_to, REPORT_TO)
+        check_int("num_workers", self.num_workers, 0)
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -132,4 +235,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["TrainConfig", "config_to_dict", "load_config"]
+__all__ = [
+    "TrainConfig",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_model_path",
+    "config_to_dict",
+    "load_config",
+]

@@ -2,15 +2,23 @@
 
 The backend supplies a dataset, a collate function and ``loss_fn(model, batch, generator) -> scalar``; the
 loop owns everything else. Randomness inside ``loss_fn`` (masking, timesteps) comes from the generator it
-is handed, seeded from (seed, update, micro-step, process), so a resumed run replays the same noise.
+is handed, seeded from (seed, update, micro-step, process), and the global torch RNG (dropout) is seeded from
+the same four numbers right before every forward, so nothing depends on RNG history: a resumed run replays
+the same noise and the same dropout masks, bit for bit.
+
+Checkpoints never use pickle. ``<output_dir>/state/`` holds the trainable tensors (``trainable.safetensors``),
+the optimizer's state tensors (``optimizer.safetensors``, keys ``state.<param index>.<name>``) with its parameter
+groups and scalar state (``optimizer.json``), and the update counters, LR schedule position and loss-scaler
+settings (``trainer_state.json``). Every folder is written by `write_atomically` and recovered by `recover`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import shutil
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import write_atomically
+from . import checkpoint
+from .checkpoint import recover, write_atomically
 from .config import TrainConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
@@ -32,6 +41,14 @@ logger = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
 STATE_DIR, BEST_DIR, FINAL_DIR = "state", "best", "final"
 TRAINABLE_FILE, TRAINER_STATE_FILE, LOG_FILE = "trainable.safetensors", "trainer_state.json", "log.jsonl"
+OPTIMIZER_FILE, OPTIMIZER_META_FILE = "optimizer.safetensors", "optimizer.json"
+STATE_FORMAT, STATE_VERSION = "nara_diffusion.trainer_state", 1
+#: Optimizer state entries shaped like their parameter (AdamW, Adam, SGD), checked on load.
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, of another format, or not matching this run."""
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -112,6 +129,23 @@ def _noise_generator(seed: int, step: int, micro: int, rank: int, device: torch.
     return gen
 
 
+def _seed_forward(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seed the global torch RNGs (CPU and accelerators: dropout) from (seed, update, micro-step, process) alone.
+
+    A hash, so no two micro-steps share a seed and the stream differs from `_noise_generator`'s.
+    """
+    digest = hashlib.blake2b(f"forward:{seed}:{step}:{micro}:{rank}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def has_started(output_dir: Path | str) -> bool:
+    """Whether ``output_dir`` holds a run that a `Trainer` with ``resume=True`` continues (a checkpoint, complete or
+    recoverable, or the log of a run stopped before its first checkpoint)."""
+    output_dir = Path(output_dir)
+    _, new, old = checkpoint.siblings(output_dir / STATE_DIR)
+    return (output_dir / LOG_FILE).is_file() or any(p.is_dir() for p in (output_dir / STATE_DIR, new, old))
+
+
 def default_save(model: nn.Module, folder: Path) -> None:
     """Adapters: the peft adapter folder; full fine-tuning: ``save_pretrained`` of the whole model, or its
     state dict as ``model.safetensors`` for a plain torch module."""
@@ -123,6 +157,92 @@ def default_save(model: nn.Module, folder: Path) -> None:
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not a JSON file ({err}).") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object.")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for foreign or truncated files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}).") from err
+
+
+def _write_json(path: Path, data: Any) -> None:
+    try:
+        text = json.dumps(data, indent=1)
+    except TypeError as err:
+        raise TypeError(f"{path.name}: the state holds a value JSON cannot store ({err}); it is not pickled.") from err
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def optimizer_state_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<index>.<name>``) and a JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_state_from_files(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], optimizer: torch.optim.Optimizer, path: Path
+) -> dict[str, Any]:
+    """The inverse of `optimizer_state_to_files`, checked against ``optimizer`` (groups, sizes, shapes).
+
+    Raises:
+        CheckpointError: naming ``path`` (the tensor file) or its JSON sibling.
+    """
+    meta_path = path.with_name(OPTIMIZER_META_FILE)
+    current = optimizer.state_dict()["param_groups"]
+    groups = meta.get("param_groups")
+    sizes = [len(g["params"]) for g in current]
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != sizes:
+        saved = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else groups
+        raise CheckpointError(
+            f"{meta_path}: the optimizer's parameter groups had sizes {saved}, this run's have {sizes}; "
+            "was the run (adapter, targets, rank) changed?"
+        )
+    loaded_groups = []
+    for saved, now in zip(groups, current, strict=True):
+        group = {k: tuple(v) if isinstance(now.get(k), tuple) and isinstance(v, list) else v for k, v in saved.items()}
+        group["params"] = now["params"]
+        loaded_groups.append(group)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise CheckpointError(f"{path}: unexpected tensor {key!r} (this optimizer has {len(params)} parameters).")
+        index, name = int(parts[1]), parts[2]
+        if name in _PARAM_SHAPED and tensor.shape != params[index].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, its parameter {tuple(params[index].shape)}; "
+                "was the run changed?"
+            )
+        state.setdefault(index, {})[name] = tensor
+    for index, entries in (meta.get("scalars") or {}).items():
+        if not str(index).isdigit() or int(index) >= len(params) or not isinstance(entries, dict):
+            raise CheckpointError(f"{meta_path}: unexpected optimizer state entry {index!r}.")
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": loaded_groups}
 
 
 class Trainer:
@@ -155,6 +275,7 @@ class Trainer:
         optimizer: Optional[torch.optim.Optimizer] = None,
         callbacks: Sequence[Callable[[Trainer], None]] = (),
     ) -> None:
+        config.validate()  # again: fields may have been changed after construction
         if len(train_dataset) == 0:
             raise ValueError("The training set is empty; check the dataset and max_length.")
         if config.lr_schedule not in LR_SCHEDULES:
@@ -197,60 +318,136 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, LR_SCHEDULES[config.lr_schedule](self.total_updates, config.warmup_ratio)
         )
-        self.accelerator.register_for_checkpointing(self.scheduler)
-        self.accelerator.register_save_state_pre_hook(self._save_trainable)
-        self.accelerator.register_load_state_pre_hook(self._load_trainable)
         self.global_step, self.batches_done, self.best_val_loss = 0, 0, None
+        self._state_step: Optional[int] = None  # the update whose state is in state/
 
-    # -- checkpoint state: only the trainable tensors, never the frozen base model --------------------------
-    def _save_trainable(self, models: list, weights: list, output_dir: str) -> None:
-        if self.accelerator.is_main_process:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            save_file(_trainable_state(unwrapped), str(Path(output_dir) / TRAINABLE_FILE))
-        weights.clear()
+    # -- checkpoint state: trainable tensors, optimizer, schedule, counters; never pickles --------------------
+    def _write_state(self, folder: Path) -> None:
+        """Write the state files into ``folder`` (main process; DDP replicas hold the same optimizer state)."""
+        acc = self.accelerator
+        save_file(_trainable_state(acc.unwrap_model(self.model)), str(folder / TRAINABLE_FILE))
+        checkpoint._kill_point("state_writing", self.output_dir / STATE_DIR)
+        tensors, meta = optimizer_state_to_files(self.optimizer.state_dict())
+        save_file(tensors, str(folder / OPTIMIZER_FILE))
+        _write_json(folder / OPTIMIZER_META_FILE, meta)
+        checkpoint._kill_point("state_writing", self.output_dir / STATE_DIR)
+        sched = self.scheduler
+        trainer_state = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "global_step": self.global_step,
+            "batches_done": self.batches_done,
+            "best_val_loss": self.best_val_loss,
+            "accelerator_step": acc.step,
+            "scheduler": {
+                "last_epoch": sched.last_epoch,
+                "step_count": sched._step_count,
+                "base_lrs": list(sched.base_lrs),
+                "last_lr": list(sched._last_lr),
+            },
+            "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        }
+        _write_json(folder / TRAINER_STATE_FILE, trainer_state)
 
-    def _load_trainable(self, models: list, input_dir: str) -> None:
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
-        params = dict(unwrapped.named_parameters())
-        unknown = sorted(set(state) - set(params))
-        if unknown:
-            raise ValueError(f"The checkpoint holds tensors this model lacks: {unknown[:5]}; was the run changed?")
+    def _load_state(self, folder: Path) -> None:
+        """Read a state folder written by `_write_state`, checking every file against this run first."""
+        meta_path = folder / TRAINER_STATE_FILE
+        meta = _read_json(meta_path)
+        if meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(
+                f"{meta_path} is not a {STATE_FORMAT} file: the state was written by an older nara_diffusion "
+                "(with accelerate's pickled files, which are never loaded: unpickling can run code). Start the run "
+                "again without --resume; the adapters in best/ and final/ are unaffected."
+            )
+        if meta.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{meta_path} has version {meta.get('version')}; this library reads {STATE_VERSION}.")
+        missing = {"global_step", "batches_done", "best_val_loss", "accelerator_step", "scheduler"} - set(meta)
+        if missing:
+            raise CheckpointError(f"{meta_path} lacks {sorted(missing)}.")
+        sched = meta["scheduler"]
+        if not isinstance(sched, dict) or len(sched.get("base_lrs", ())) != len(self.optimizer.param_groups):
+            raise CheckpointError(f"{meta_path}: the LR schedule does not match this run's parameter groups.")
+
+        trainable_path = folder / TRAINABLE_FILE
+        state = _read_tensors(trainable_path)
+        params = {n: p for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        unknown, absent = sorted(set(state) - set(params)), sorted(set(params) - set(state))
+        if unknown or absent:
+            raise CheckpointError(
+                f"{trainable_path} does not match this run's trainable parameters (unknown: {unknown[:5]}, "
+                f"missing: {absent[:5]}); was the run (adapter, targets) changed?"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != params[name].shape:
+                raise CheckpointError(
+                    f"{trainable_path}: {name} has shape {tuple(tensor.shape)}, this run's "
+                    f"{tuple(params[name].shape)}; was the rank changed?"
+                )
+        optimizer_path = folder / OPTIMIZER_FILE
+        optimizer_state = optimizer_state_from_files(
+            _read_tensors(optimizer_path), _read_json(folder / OPTIMIZER_META_FILE), self.optimizer, optimizer_path
+        )
+
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)
-        models.clear()
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.last_epoch = int(sched["last_epoch"])
+        self.scheduler._step_count = int(sched["step_count"])
+        self.scheduler.base_lrs = [float(v) for v in sched["base_lrs"]]
+        self.scheduler._last_lr = [float(v) for v in sched["last_lr"]]
+        if meta.get("grad_scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(meta["grad_scaler"])
+        self.accelerator.step = int(meta["accelerator_step"])
+        self.global_step, self.batches_done = int(meta["global_step"]), int(meta["batches_done"])
+        self.best_val_loss = meta["best_val_loss"]
+        self._state_step = self.global_step
 
     def _save_state(self) -> None:
-        state_dir = self.output_dir / STATE_DIR
-        tmp = self.output_dir / f".{STATE_DIR}.tmp"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            write_atomically(self.output_dir / STATE_DIR, self._write_state)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()  # every process has written its part before the folder moves
-        if self.accelerator.is_main_process:
-            meta = {"global_step": self.global_step, "batches_done": self.batches_done}
-            meta["best_val_loss"] = self.best_val_loss
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(meta))
-            old = self.output_dir / f".{STATE_DIR}.old"
-            if state_dir.exists():
-                state_dir.rename(old)
-            tmp.rename(state_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        self._state_step = self.global_step
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Recover the output folder after a kill and load ``state/``. Returns False (start afresh) when the run
+        was interrupted before its first checkpoint; raises when there is no sign of an earlier run at all."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            for name in (STATE_DIR, BEST_DIR, FINAL_DIR):
+                recover(self.output_dir / name)
+        acc.wait_for_everyone()
         state_dir = self.output_dir / STATE_DIR
-        if not (state_dir / TRAINER_STATE_FILE).is_file():
+        if not state_dir.is_dir():
+            if (self.output_dir / LOG_FILE).is_file():
+                logger.warning(
+                    "--resume: %s holds no checkpoint yet (the run stopped before its first one); "
+                    "starting from update 0.",
+                    self.output_dir,
+                )
+                return False
             raise FileNotFoundError(f"--resume: no checkpoint state in {state_dir}; run without --resume to start.")
-        self.accelerator.load_state(str(state_dir))
-        meta = json.loads((state_dir / TRAINER_STATE_FILE).read_text())
-        self.global_step, self.batches_done = meta["global_step"], meta["batches_done"]
-        self.best_val_loss = meta["best_val_loss"]
+        self._load_state(state_dir)
         logger.info("Resumed from %s at update %d", state_dir, self.global_step)
+        return True
+
+    def _truncate_log(self) -> None:
+        """Keep the log rows of the updates up to the resumed one (what an uninterrupted run had logged by then)."""
+        path = self.output_dir / LOG_FILE
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= self.global_step and "replica_fingerprints" not in row:
+                kept.append(line + "\n")
+        tmp = path.with_name(f".{LOG_FILE}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     def _save_weights(self, name: str) -> Path:
         self.accelerator.wait_for_everyone()
@@ -270,13 +467,15 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean validation loss at random noise levels drawn from a fixed seed (the same at every call)."""
+        """Mean validation loss at random noise levels drawn from a fixed seed (the same at every call; the global
+        torch RNG is reseeded before every batch, as in training)."""
         if self.val_loader is None:
             return None
         self.model.eval()
         total, count = torch.zeros((), device=self.accelerator.device), 0
         for i, batch in enumerate(self.val_loader):
             gen = _noise_generator(self.config.seed, -1, i, self.accelerator.process_index, self.accelerator.device)
+            _seed_forward(self.config.seed, -1, i, self.accelerator.process_index)
             total += self.loss_fn(self.model, batch, gen).detach().float()
             count += 1
         self.model.train()
@@ -287,10 +486,12 @@ class Trainer:
         """Run until ``total_updates``; returns where the best and final weights were written."""
         cfg, acc = self.config, self.accelerator
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            self._resume()
-        elif acc.is_main_process and (self.output_dir / LOG_FILE).exists():
-            (self.output_dir / LOG_FILE).unlink()
+        resumed = cfg.resume and self._resume()
+        if acc.is_main_process:
+            if resumed:
+                self._truncate_log()
+            elif (self.output_dir / LOG_FILE).exists():
+                (self.output_dir / LOG_FILE).unlink()
         if acc.log_with:
             acc.init_trackers("nara_diffusion", config=config_to_dict(cfg))
         self.model.train()
@@ -304,6 +505,7 @@ class Trainer:
             for micro, batch in enumerate(batches, start=skip):
                 with acc.accumulate(self.model):
                     gen = _noise_generator(cfg.seed, self.global_step, micro, acc.process_index, acc.device)
+                    _seed_forward(cfg.seed, self.global_step, micro, acc.process_index)
                     loss = self.loss_fn(self.model, batch, gen)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -321,10 +523,10 @@ class Trainer:
                 self._log({"train/loss": train_loss, "train/lr": self.scheduler.get_last_lr()[0]})
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.4f}")
+                for callback in self.callbacks:  # before the checkpoint: a resume from it has them all
+                    callback(self)
                 if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                     self._checkpoint()
-                for callback in self.callbacks:
-                    callback(self)
                 if self.global_step >= self.total_updates:
                     break
             else:
@@ -332,11 +534,15 @@ class Trainer:
                 continue
             break
         bar.close()
-        if not cfg.eval_every or self.global_step % cfg.eval_every:
+        if self._state_step != self.global_step:  # not checkpointed at the last update yet
             self._checkpoint()
         final_dir = self._save_weights(FINAL_DIR)
         self._check_replicas()
-        acc.end_training()
+        # accelerate's end_training without its destroy_process_group: the caller may still need the group (a test
+        # set scored after training, the next noise bin, its own barriers), and destroying it while this Trainer's
+        # DDP wrapper is alive made the wrapper's teardown hang at random under CPU (gloo) data parallelism.
+        for tracker in acc.trackers:
+            tracker.finish()
         best = self.output_dir / BEST_DIR
         return TrainResult(self.global_step, self.best_val_loss, final_dir, best if best.exists() else None)
 
