@@ -30,7 +30,7 @@ REDUCED = {"d_model": 512, "n_layers": 4, "n_heads": 4, "mlp": 1536, "vocab": 20
 def add_model_args(p: argparse.ArgumentParser, full_default: bool = False) -> None:
     """``--full`` (LLaDA-8B) or the reduced sizes, each overridable."""
     p.add_argument("--full", action="store_true", default=full_default, help="LLaDA-8B sizes (use on a GPU)")
-    p.add_argument("--d-model", type=int, default=None, help=f"width (reduced {REDUCED['d_model']}, full 4096)")
+    p.add_argument("--d_model", type=int, default=None, help=f"width (reduced {REDUCED['d_model']}, full 4096)")
     p.add_argument("--layers", type=int, default=None, help=f"blocks (reduced {REDUCED['n_layers']}, full 32)")
     p.add_argument("--heads", type=int, default=None, help=f"attention heads (reduced {REDUCED['n_heads']}, full 32)")
     p.add_argument("--mlp", type=int, default=None, help=f"MLP width (reduced {REDUCED['mlp']}, full 12288)")

@@ -1,7 +1,7 @@
 """Measurement machinery shared by the benchmark scripts.
 
 * A/B rounds in rotating order with stalled-round rejection (`run_rounds`), optionally after waiting for the
-  machine to go idle (``--wait-idle``), and the share of the CPUs other processes used meanwhile;
+  machine to go idle (``--wait_idle``), and the share of the CPUs other processes used meanwhile;
 * step timers: ``time.perf_counter`` on CPU, CUDA events (after a synchronisation) on a GPU (`make_timer`);
 * memory: bytes autograd saves for backward (`saved_tensor_bytes`), the peak of live tensor bytes on CPU
   (`PeakTensorBytes`, a dispatch mode that follows every storage), ``torch.cuda.max_memory_allocated`` on a GPU;
@@ -46,14 +46,14 @@ def add_timing_args(
     p.add_argument("--threads", type=int, default=threads or os.cpu_count() or 1, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--stall-factor",
+        "--stall_factor",
         type=float,
         default=1.5,
         help="discard a round when some variant took more than this × its fastest round (host contention)",
     )
-    p.add_argument("--max-seconds", type=float, default=max_seconds, help="time budget of each timing phase")
+    p.add_argument("--max_seconds", type=float, default=max_seconds, help="time budget of each timing phase")
     p.add_argument(
-        "--wait-idle",
+        "--wait_idle",
         type=float,
         default=0.0,
         help="before each timing phase, wait up to this many seconds for other processes to leave the CPUs idle",
@@ -68,7 +68,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def check_timing_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.repeats < 1 or args.warmup < 0 or args.stall_factor <= 1.0:
-        p.error("--repeats must be >= 1, --warmup >= 0 and --stall-factor > 1")
+        p.error("--repeats must be >= 1, --warmup >= 0 and --stall_factor > 1")
 
 
 # -- CPU load ---------------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class Phase:
 
     def summary(self, label: str, stall_factor: float, repeats: int) -> list[str]:
         """One line on rounds used/discarded and foreign load, plus a WARNING line when the phase was disturbed."""
-        note = " (stopped by --max-seconds)" if self.out_of_time else ""
+        note = " (stopped by --max_seconds)" if self.out_of_time else ""
         others = "" if self.foreign_cpu is None else f"; other processes used {100 * self.foreign_cpu:.0f}% of the CPUs"
         lines = [
             f"{label}: {self.kept} rounds used, {self.discarded} discarded as stalled "

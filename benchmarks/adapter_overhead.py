@@ -68,9 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="batch size B (NaRA gets B different noise levels)")
     p.add_argument("--seq", type=int, default=128, help="sequence length")
     T.add_timing_args(p, repeats=100, warmup=5, max_seconds=60.0)
-    p.add_argument("--no-identity", action="store_true", help="skip the NaRA core='identity' variant")
+    p.add_argument("--no_identity", action="store_true", help="skip the NaRA core='identity' variant")
     p.add_argument("--profile", action="store_true", help="also profile LoRA vs NaRA and list the top ops")
-    p.add_argument("--profile-steps", type=int, default=20, help="steps per variant under the profiler")
+    p.add_argument("--profile_steps", type=int, default=20, help="steps per variant under the profiler")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 10 rounds, 2 warm-up, 5 profiled steps, 10 s per phase"
     )
@@ -200,7 +200,7 @@ def extra_ops_report(
     lora: Variant, nara: Variant, step: Callable[[Variant, Batch], float], args: argparse.Namespace, top: int = 20
 ) -> str:
     """The ops NaRA runs that LoRA does not (same op and input shapes, more calls per step), from
-    ``--profile-steps`` profiled steps of each (`_timing.extra_ops_table`)."""
+    ``--profile_steps`` profiled steps of each (`_timing.extra_ops_table`)."""
     gen = torch.Generator().manual_seed(args.seed + 2)
     batches = [make_batch(args, gen) for _ in range(args.profile_steps)]
     a = T.profile_ops(functools.partial(step, lora), batches)
@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_rounds(variants, infer_step, "infer_times", args),
     ]
     if any(ph.kept == 0 for ph in phases):
-        raise SystemExit("No clean round within --max-seconds: the machine is too busy (try --threads 1).")
+        raise SystemExit("No clean round within --max_seconds: the machine is too busy (try --threads 1).")
 
     lora, nara = variants[0], variants[1]
     r, _, _ = ratio_stats(nara.train_times, lora.train_times)

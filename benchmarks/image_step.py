@@ -2,13 +2,13 @@
 
 The UNet is ``UNet2DConditionModel`` with SDXL base's configuration (block_out_channels 320/640/1280, transformer depth
 1/2/10, head dim 64, cross-attention dim 2048, ``text_time`` micro-conditioning with 2816 inputs, linear
-projections), built on the meta device and materialised with random weights. ``--width-div`` divides the channel
+projections), built on the meta device and materialised with random weights. ``--width_div`` divides the channel
 widths (heads keep 64 dims) for CPU runs; ``--depth`` can shorten the transformer stacks; the latent size is set by
 ``--latent``. Both adapters sit on the same frozen weights, on diffusers' LoRA targets (``to_q, to_k, to_v, to_out.0``
 of every attention) with the DreamBooth recipe's rank 4:
 
 * **LoRA**: ``unet.add_adapter(LoraConfig(r, lora_alpha=r))`` (A and B random, so the branch is not zero);
-* **NaRA**: ``nd.image.add_nara(unet, NaRAConfig(r), scheduler=...)``; λ = t/T of each example from the ``timestep``.
+* **NaRA**: ``nd.image.inject_nara(unet, NaRAConfig(r), scheduler=...)``; λ = t/T of each example from the ``timestep``.
 
 Training step: ``DreamBoothModel`` (the library's loss: VAE posterior sample, t ~ U{0..999} and noise per example,
 DDPM noising, UNet with pooled text embedding and time ids, MSE; prior preservation: one instance and one class
@@ -51,18 +51,18 @@ SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_l
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="SDXL size: width-div 1, 128 × 128 latents, fp16 (GPU)")
-    p.add_argument("--width-div", type=int, default=None, help="divide SDXL's channel widths (default: 5; full 1)")
+    p.add_argument("--width_div", type=int, default=None, help="divide SDXL's channel widths (default: 5; full 1)")
     p.add_argument("--depth", type=int, nargs=3, default=list(SDXL_DEPTH), help="transformer layers per block")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: 32; full 128 = 1024 px)")
     p.add_argument("--rank", type=int, default=4, help="adapter rank (the SDXL DreamBooth recipe's 4)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps of the inference run")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--dtype", default=None, help="UNet weights: float32 (CPU default) or float16/bfloat16 (GPU)")
-    p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--skip-infer", action="store_true")
+    p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--skip_infer", action="store_true")
     T.add_device_arg(p)
     T.add_timing_args(p, repeats=10, warmup=1, max_seconds=75.0)
-    p.add_argument("--infer-repeats", type=int, default=3, help="images per pipeline to time (each --steps steps)")
+    p.add_argument("--infer_repeats", type=int, default=3, help="images per pipeline to time (each --steps steps)")
     p.add_argument("--quick", action="store_true", help="smoke run: depth 1 1 2, 16 × 16 latents, 4 steps, 3 rounds")
     args = p.parse_args(argv)
     args.width_div = args.width_div or (1 if args.full else 5)
@@ -132,7 +132,7 @@ def build_variants(
         LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights=False, target_modules=UNET_TARGET_MODULES)
     )
     nara = shared_copy(unet)
-    nd.image.add_nara(nara, nd.NaRAConfig(r=args.rank, lora_dropout=0.0, init_weights=False), scheduler=scheduler)
+    nd.image.inject_nara(nara, nd.NaRAConfig(r=args.rank, lora_dropout=0.0, init_weights=False), scheduler=scheduler)
     for model in (lora, nara):  # adapters in float32 (peft's autocast_adapter_dtype, diffusers' training scripts)
         for p in model.parameters():
             if p.requires_grad:

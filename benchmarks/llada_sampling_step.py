@@ -54,9 +54,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ablations", action="store_true", help="add NaRA with one λ per batch, and with C folded into B")
     T.add_device_arg(p)
     T.add_timing_args(p, repeats=30, warmup=3, max_seconds=90.0)
-    p.add_argument("--isolated-reps", type=int, default=200, help="repetitions of the isolated λ / C timings")
+    p.add_argument("--isolated_reps", type=int, default=200, help="repetitions of the isolated λ / C timings")
     p.add_argument("--profile", action="store_true", help="also list the ops NaRA runs that LoRA does not")
-    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument("--profile_steps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="smoke run: 5 rounds, 1 warm-up, 20 isolated repetitions")
     args = p.parse_args(argv)
     args.batch = args.batch or (1 if args.full else 2)
@@ -86,7 +86,7 @@ def _folded_forward(self: NaRALinear, x: torch.Tensor, *args: Any, **kwargs: Any
             continue
         a, b = self.nara_A[name], self.nara_B[name]
         h = a(self.nara_dropout[name](x.to(a.weight.dtype)))
-        core = self.nara_cores[name].current_core
+        core = self.noise_adapters[name].current_core
         if core is not None:  # one core for the batch: [r, r] (or [1, r, r])
             core = core if core.dim() == 2 else core[0]
         weight = b.weight if core is None else b.weight @ core.to(b.weight).T
@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             stack.enter_context(d)
         phase, rows = T.run_rounds([step(d, f) for _, d, f in variants], lambda: None, args, "sampling")
         if phase.kept == 0:
-            raise SystemExit("No clean round within --max-seconds: the machine is too busy.")
+            raise SystemExit("No clean round within --max_seconds: the machine is too busy.")
         state.reset()
         costs = lambda_and_core_costs(state, nara, args.isolated_reps, device)
         cols = T.columns(rows)

@@ -57,12 +57,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 512, the recipes' max_length)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.05, help="adapter dropout (the recipes' 0.05)")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (the recipes turn it on)")
-    p.add_argument("--no-authors", action="store_true", help="skip the authors' batch-1 mode")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing (the recipes turn it on)")
+    p.add_argument("--no_authors", action="store_true", help="skip the authors' batch-1 mode")
     T.add_device_arg(p)
     T.add_timing_args(p, repeats=15, warmup=1, max_seconds=150.0)
     p.add_argument("--profile", action="store_true", help="also list the ops NaRA runs that LoRA does not")
-    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 warm-up, batch 4 x 64")
     args = p.parse_args(argv)
     args.batch = args.batch or (4 if args.full else 8)
@@ -178,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     phase, rows = T.run_rounds([timed(v, r) for v, r in zip(variants, runs, strict=True)], make_input, args, "train")
     if phase.kept == 0:
-        raise SystemExit("No clean round within --max-seconds: the machine is too busy.")
+        raise SystemExit("No clean round within --max_seconds: the machine is too busy.")
     for v, col in zip(variants, T.columns(rows), strict=True):
         v.times = col
 

@@ -1,11 +1,11 @@
 """Quality benchmark on the toy bases (issue 7): every method, 3 seeds, mean ± std, plus the noise-level loss profile.
 
-    python benchmarks/quality.py text  --seeds 0 1 2 --out benchmarks/results
-    python benchmarks/quality.py image --seeds 0 1 2 --out benchmarks/results
+    python benchmarks/quality.py text  --seeds 0 1 2 --output_dir benchmarks/results
+    python benchmarks/quality.py image --seeds 0 1 2 --output_dir benchmarks/results
 
 Text: the toy LLaDA (``examples/llada/toy``) is fine-tuned on the downstream task it cannot do ("What is 63&45?", "&"
 for subtraction; the 1,000 training problems of ``examples/llada/data/toy_amp_train.json``) with each method at the
-example's toy settings (`nara_diffusion.text.toy.FINETUNE_DEFAULTS`), and scored by exact-answer accuracy on the 100
+example's toy settings (`nara_diffusion.toy.text.FINETUNE_DEFAULTS`), and scored by exact-answer accuracy on the 100
 held-out problems of ``toy_amp_test.json`` with the noise-aware sampler (greedy, 8 tokens, 8 steps). The adapters are
 matched in trainable parameters (≈ 41k; full fine-tuning trains all 0.88M, the noise-bin set K LoRAs of that size,
 one active per example). The loss profile is LLaDA's masked-diffusion loss on the test problems at fixed t, the same
@@ -27,9 +27,11 @@ import _timing
 import torch
 from safetensors import safe_open
 
-from nara_diffusion.text import FinetuneConfig, load_for_inference, run_finetune, toy
+from nara_diffusion.text import FinetuneConfig, load_for_inference, run_finetune
 from nara_diffusion.text.data import to_prompt_answer, tokenize_sft
-from nara_diffusion.text.evaluation import load_adapter, noise_profile, plot_noise_profiles
+from nara_diffusion.text.loading import load_adapter
+from nara_diffusion.text.noise_profile import noise_profile, plot_noise_profiles
+from nara_diffusion.toy import text as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "examples" / "llada" / "toy"
@@ -167,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=("text", "image"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "benchmarks" / "results", help="folder of the tables")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--methods", default=None, help="text: comma-separated labels to run (default: all), then the table if complete"
@@ -175,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     print(_timing.machine_line(torch.device("cpu")))
     if args.task == "text":
         labels = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
@@ -183,15 +185,15 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
         for label in labels:
-            run_method(label, args.seeds, args.out)
-        if not all((args.out / "quality_text_runs" / f"{_slug(m)}.json").is_file() for m in METHODS):
+            run_method(label, args.seeds, args.output_dir)
+        if not all((args.output_dir / "quality_text_runs" / f"{_slug(m)}.json").is_file() for m in METHODS):
             return
-        table = text_table(args.seeds, args.out)
+        table = text_table(args.seeds, args.output_dir)
     else:
         import quality_image
 
-        table = quality_image.run(args.seeds, args.out)
-    (args.out / f"quality_{args.task}.md").write_text(table)
+        table = quality_image.run(args.seeds, args.output_dir)
+    (args.output_dir / f"quality_{args.task}.md").write_text(table)
     print(table)
 
 

@@ -11,9 +11,9 @@ of batch 4, learning rate 1e-3, prior preservation with 20 base-model images of 
 
 LoRA runs twice: at NaRA's rank (4) and at the rank whose trainable-parameter count comes closest to NaRA's total
 (factors + its shared hypernetwork). Writes ``quality_image.md`` (the table) and ``quality_image_grid.png`` to
-``--out_dir``.
+``--output_dir``.
 
-    OMP_NUM_THREADS=1 python benchmarks/quality_image.py --seeds 0 1 2 --out_dir benchmarks/results
+    OMP_NUM_THREADS=1 python benchmarks/quality_image.py --seeds 0 1 2 --output_dir benchmarks/results
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from nara_diffusion.image.dreambooth import DreamBoothConfig, load_base_pipeline
-from nara_diffusion.image.toy import load_reference_images
-from nara_diffusion.image.toy_dreambooth import (
+from nara_diffusion.toy.dreambooth import (
     CONTEXT_BACKGROUNDS,
     ToyScores,
     run_toy_dreambooth,
     score_toy_subject,
     toy_dreambooth_defaults,
 )
+from nara_diffusion.toy.image import load_reference_images
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sdxl_dreambooth"
 RANK = 4
@@ -133,7 +133,7 @@ def run(seeds: list[int], out_dir: Path, prior_preservation: bool = True) -> str
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--out_dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/results"), help="folder of the table")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no_prior_preservation", action="store_true", help="turn off the toy default's prior")
     args = parser.parse_args()
@@ -141,4 +141,4 @@ if __name__ == "__main__":
     for noisy in ("accelerate", "diffusers", "transformers", "nara_diffusion"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    print(run(args.seeds, args.out_dir, prior_preservation=not args.no_prior_preservation))
+    print(run(args.seeds, args.output_dir, prior_preservation=not args.no_prior_preservation))

@@ -101,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         phase, kept = T.run_rounds([timed(v, r) for v, r in zip(variants, runs, strict=True)], make_input, point_args)
         if phase.kept == 0:
-            raise SystemExit("No clean round within --max-seconds: the machine is too busy.")
+            raise SystemExit("No clean round within --max_seconds: the machine is too busy.")
         lora_t, nara_t = T.columns(kept)
         hyper = sum(p.numel() for p in nd.get_adapter(variants[1].model).parameters())
         tokens = batch * seq

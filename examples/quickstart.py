@@ -5,7 +5,7 @@ A tiny Llama (random weights, built from a config, nothing downloaded) must map 
 steps and data; NaRA's core C(λ) lets one set of weights behave differently per noise level. The script then
 saves the NaRA adapter, reloads it onto a fresh base model and checks the outputs are identical.
 
-    python examples/quickstart.py [--steps 300] [--out outputs/quickstart]
+    python examples/quickstart.py [--max_steps 300] [--output_dir outputs/quickstart]
 """
 
 from __future__ import annotations
@@ -62,20 +62,20 @@ def train(core: str, steps: int, seed: int = 0) -> tuple[torch.nn.Module, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", default="outputs/quickstart")
+    parser.add_argument("--max_steps", type=int, default=300, help="training steps of each adapter")
+    parser.add_argument("--output_dir", default="outputs/quickstart", help="folder of the saved NaRA adapter")
     args = parser.parse_args()
 
-    _, lora_acc = train("identity", args.steps)
-    nara, nara_acc = train("noise", args.steps)
-    print(f"token accuracy after {args.steps} steps:  LoRA (C = I) {lora_acc:.1%}   NaRA (C(λ)) {nara_acc:.1%}")
+    _, lora_acc = train("identity", args.max_steps)
+    nara, nara_acc = train("noise", args.max_steps)
+    print(f"token accuracy after {args.max_steps} steps:  LoRA (C = I) {lora_acc:.1%}   NaRA (C(λ)) {nara_acc:.1%}")
 
-    nara.save_pretrained(args.out)
-    reloaded = nd.load_nara_model(make_base(), args.out)
+    nara.save_pretrained(args.output_dir)
+    reloaded = nd.load_nara_model(make_base(), args.output_dir)
     x, lam, _ = batch(torch.Generator().manual_seed(7), 4)
     with torch.no_grad():
         same = torch.equal(nara(x, noise_level=lam).logits, reloaded(x, noise_level=lam).logits)
-    print(f"saved to {args.out}; reloaded adapter gives identical outputs: {same}")
+    print(f"saved to {args.output_dir}; reloaded adapter gives identical outputs: {same}")
     nara.print_trainable_parameters()
 
 

@@ -5,14 +5,20 @@ import nara_diffusion as nd
 model = nd.get_nara_model(base, nd.NaRAConfig(r=32, target_modules=["q_proj", "v_proj"]))
 logits = model(input_ids, noise_level=lam).logits   # lam: float or [B] tensor in [0, 1]
 ```
+
+The top level holds the modality-agnostic API (`__all__`); the backends are namespaces, imported on first use so
+that ``import nara_diffusion`` stays light: `nd.text` (masked diffusion LMs), `nd.image` (diffusers; imports
+diffusers), `nd.training` (the accelerate loop), `nd.selection` (DiffoRA). Everything else of the core is in
+`nd.core`.
 """
 
-from . import text, training
+import importlib
+from typing import Any
+
+from . import core
 from .core import (
     NaRAConfig,
-    NaRALinear,
     NaRALoadError,
-    NaRAModel,
     NoiseConditionedAdapter,
     NoiseLevelError,
     convert_reference_checkpoint,
@@ -22,33 +28,33 @@ from .core import (
     is_nara_model,
     load_nara_model,
     noise_level,
-    noise_level_from_mask,
     remove_nara,
-    timestep_to_noise_level,
-    validate_noise_level,
 )
 
 __version__ = "0.1.0"
 
+#: The backends, imported by `__getattr__` on first access (``nd.text``, ``nd.image``, ...).
+_LAZY_SUBMODULES = ("text", "image", "training", "selection")
 
-def __getattr__(name: str):
-    # `nd.image` imports diffusers; load it on first use so that text-only users do not pay for it.
-    if name == "image":
-        import importlib
 
-        return importlib.import_module(".image", __name__)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 
 __all__ = [
     "NaRAConfig",
-    "NaRALinear",
     "NaRALoadError",
-    "NaRAModel",
     "NoiseConditionedAdapter",
     "NoiseLevelError",
     "__version__",
     "convert_reference_checkpoint",
+    "core",
     "get_adapter",
     "get_nara_model",
     "image",
@@ -56,10 +62,8 @@ __all__ = [
     "is_nara_model",
     "load_nara_model",
     "noise_level",
-    "noise_level_from_mask",
     "remove_nara",
+    "selection",
     "text",
-    "timestep_to_noise_level",
     "training",
-    "validate_noise_level",
 ]

@@ -75,7 +75,7 @@ def test_scalar_lambda_broadcasts_to_the_batch(tiny_net):
 
 def test_timestep_input_is_normalised_by_num_train_timesteps():
     outputs = []
-    for noise_input, value in (("timestep", torch.tensor([250, 900])), ("mask_ratio", torch.tensor([0.25, 0.9]))):
+    for noise_input, value in (("timestep", torch.tensor([250, 900])), ("noise_level", torch.tensor([0.25, 0.9]))):
         torch.manual_seed(0)
         cfg = nd.NaRAConfig(r=4, target_modules=["layers.1"], noise_input=noise_input, num_train_timesteps=1000)
         model = nd.get_nara_model(TinyNet(), cfg).eval()

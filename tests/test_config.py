@@ -13,7 +13,7 @@ def test_defaults_follow_the_authors_released_configs():
     cfg = nd.NaRAConfig()
     assert (cfg.r, cfg.core_scale, cfg.lora_dropout, cfg.scaling) == (32, 0.1, 0.05, 1.0)
     assert (cfg.embedding, cfg.embedding_dim, cfg.fourier_scale, cfg.hidden_dims) == ("fourier", 64, 16.0, (256, 512))
-    assert (cfg.core, cfg.noise_input, cfg.num_train_timesteps) == ("noise", "mask_ratio", 1000)
+    assert (cfg.core, cfg.noise_input, cfg.num_train_timesteps) == ("noise", "noise_level", 1000)
     assert cfg.peft_type == "NARA"
 
 
@@ -69,5 +69,5 @@ def test_target_modules_that_match_nothing_raise_and_leave_the_model_alone():
     net = TinyNet()
     with pytest.raises(ValueError, match="not found in the base model"):
         nd.get_nara_model(net, nd.NaRAConfig(r=2, target_modules=["q_proj"]))
-    assert not any(isinstance(m, nd.NaRALinear) for m in net.modules())
+    assert not any(isinstance(m, nd.core.NaRALinear) for m in net.modules())
     assert not hasattr(net, "peft_config")

@@ -90,7 +90,7 @@ def test_search_then_restrict_inherits_the_searched_weights_and_reloads(tmp_path
     assert dam["kept"] == kept and len(dam["alphas"]) == 8 and len(kept) == 2
     assert len(set(dam["alphas"].values())) > 1  # α moved away from its common initial value
     searched = {n: p.detach().clone() for n, p in model.named_parameters() if "nara_" in n}
-    layers = {n for n, m in model.named_modules() if isinstance(m, nd.NaRALinear)}
+    layers = {n for n, m in model.named_modules() if isinstance(m, nd.core.NaRALinear)}
     assert sorted(n.removeprefix("base_model.model.") for n in layers) == sorted(kept)
     # resuming reads the kept list back instead of searching
     again = _nara()

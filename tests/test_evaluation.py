@@ -22,22 +22,19 @@ from torch import nn
 
 import nara_diffusion as nd
 from nara_diffusion.text.data import SFTDataset
-from nara_diffusion.text.evaluation import (
+from nara_diffusion.text.likelihood import mc_loglikelihood, stratified_mask_counts
+from nara_diffusion.text.loading import load_adapter, load_for_inference
+from nara_diffusion.text.noise_bins import noise_bin_count
+from nara_diffusion.text.noise_profile import noise_profile, plot_noise_profiles
+from nara_diffusion.text.scoring import (
     accuracy,
     answer_kind,
     evaluate_generation,
     extract_commonsense,
     extract_number,
     extract_option,
-    load_adapter,
-    load_for_inference,
-    mc_loglikelihood,
-    noise_profile,
-    plot_noise_profiles,
     score_answer,
-    stratified_mask_counts,
 )
-from nara_diffusion.text.sampler import noise_bin_count
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "llada"
@@ -269,7 +266,7 @@ def saved(tmp_path_factory) -> SimpleNamespace:
 
 def test_load_adapter_recognises_each_kind(saved):
     nara = load_adapter(saved.base(), saved.root / "nara")
-    assert isinstance(nara.base_model, nd.NaRAModel)
+    assert isinstance(nara.base_model, nd.core.NaRAModel)
     lora = load_adapter(saved.base(), saved.root / "lora")
     assert isinstance(lora.base_model, peft.LoraModel)
     bins = load_adapter(saved.base(), saved.root / "bins")
@@ -287,7 +284,7 @@ def test_load_adapter_refuses_a_noise_bin_set_with_a_missing_bin(saved, tmp_path
 
 def test_load_for_inference_finds_the_base_model_from_the_adapter(saved):
     model, tok = load_for_inference(saved.root / "nara")
-    assert isinstance(model.base_model, nd.NaRAModel) and not model.training
+    assert isinstance(model.base_model, nd.core.NaRAModel) and not model.training
     assert tok.mask_token_id == model.config.mask_token_id
     base, _ = load_for_inference(None, str(saved.root / "base"))
     assert isinstance(base, nd.text.LLaDAModelLM)
@@ -301,7 +298,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 def test_generate_example_runs_on_cpu(saved):
     done = _run(
         [
-            *(str(EXAMPLES / "generate.py"), "--adapter", str(saved.root / "nara"), "--prompt", "What is 1 + 1?"),
+            *(str(EXAMPLES / "generate.py"), "--adapter_path", str(saved.root / "nara"), "--prompt", "What is 1 + 1?"),
             *("--prompt", "Hi", "--gen_length", "8", "--block_length", "4", "--temperature", "0.5"),
         ]
     )
@@ -312,26 +309,26 @@ def test_generate_example_runs_on_cpu(saved):
 def test_evaluate_example_prints_accuracy_and_writes_predictions(saved, tmp_path):
     done = _run(
         [
-            *(str(EXAMPLES / "evaluate.py"), "--adapter", f"nara={saved.root / 'nara'}", "--adapter", "base"),
-            *("--data", str(DATA), "--limit", "3", "--kind", "math", "--gen_length", "8", "--block_length", "4"),
-            *("--output", str(tmp_path / "preds.jsonl")),
+            *(str(EXAMPLES / "evaluate.py"), "--adapter_path", str(saved.root / "nara"), "--include_base"),
+            *("--test_dataset", str(DATA), "--test_size", "3", "--test_kind", "math"),
+            *("--gen_length", "8", "--block_length", "4", "--output_dir", str(tmp_path)),
         ]
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "nara: accuracy" in done.stdout and "base: accuracy" in done.stdout
-    rows = [json.loads(line) for line in (tmp_path / "preds.nara.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "predictions.nara.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and {"prompt", "gold", "prediction", "extracted", "correct"} <= set(rows[0])
 
 
 def test_evaluate_example_draws_the_noise_profile(saved, tmp_path):
     done = _run(
         [
-            *(str(EXAMPLES / "evaluate.py"), "--profile", "--adapter", f"nara={saved.root / 'nara'}"),
-            *("--adapter", f"lora={saved.root / 'lora'}", "--data", str(DATA), "--limit", "6", "--max_length", "80"),
-            *("--ts", "0.2,0.6,1.0", "--plot", str(tmp_path / "profile.png")),
+            *(str(EXAMPLES / "evaluate.py"), "--profile", "--adapter_path", str(saved.root / "nara")),
+            *("--adapter_path", str(saved.root / "lora"), "--test_dataset", str(DATA), "--test_size", "6"),
+            *("--max_length", "80", "--ts", "0.2,0.6,1.0", "--output_dir", str(tmp_path)),
         ]
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
-    numbers = json.loads((tmp_path / "profile.json").read_text())
+    assert (tmp_path / "noise_profile.png").read_bytes()[:4] == b"\x89PNG"
+    numbers = json.loads((tmp_path / "noise_profile.json").read_text())
     assert numbers["ts"] == [0.2, 0.6, 1.0] and set(numbers["losses"]) == {"base", "nara", "lora"}

@@ -163,7 +163,7 @@ def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, tm
     assert sorted(config["target_modules"]) == sorted(dam["kept"])
     model = nd.load_nara_model(nd.text.LLaDAModelLM.from_pretrained(tiny_base), tmp_path / "final")
     adapted = sorted(
-        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, nd.NaRALinear)
+        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, nd.core.NaRALinear)
     )
     assert adapted == sorted(dam["kept"])
     bad = _finetune(tiny_base, tmp_path / "bad", "--select", "diffora", "--sample_rate", "1.5")

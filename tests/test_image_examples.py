@@ -46,12 +46,13 @@ def test_train_then_infer_on_the_five_images(tiny_pipeline, tmp_path):
     assert [p.name for p in sorted((run / "validation").iterdir())] == ["step-000003.png"]
     if importlib.util.find_spec("tensorboard") is not None:
         assert any((run / "nara_diffusion").glob("events.out.tfevents.*"))  # TensorBoard by default
-    out = tmp_path / "grid.png"
+    out = tmp_path / "pictures"
     done = _run(
-        [sys.executable, EXAMPLE / "infer.py", run / "final", "--prompt", "a photo of sks toy in the snow",
-         "--num_images", "3", "--num_inference_steps", "2", "--resolution", "64", "--output", out]
+        [sys.executable, EXAMPLE / "infer.py", "--adapter_path", run / "final",
+         "--prompt", "a photo of sks toy in the snow", "--num_images", "3", "--num_inference_steps", "2",
+         "--resolution", "64", "--output_dir", out]
     )  # fmt: skip
-    assert Image.open(out).size == (3 * 64, 64)
+    assert Image.open(out / "images.png").size == (3 * 64, 64)
 
 
 def test_data_parallel_on_two_cpu_processes_with_prior_preservation(tiny_pipeline, tmp_path):
@@ -89,7 +90,7 @@ def test_diffora_selection_through_train_py_reloads_into_a_stock_pipeline(tiny_p
     assert len(dam["kept"]) == -(-len(dam["alphas"]) // 4)  # ⌈0.25·N⌉
     pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(tiny_pipeline))
     pipe.load_nara_weights(run / "final")
-    adapted = sorted(n for n, m in pipe.unet.named_modules() if isinstance(m, nd.NaRALinear))
+    adapted = sorted(n for n, m in pipe.unet.named_modules() if isinstance(m, nd.core.NaRALinear))
     assert adapted == sorted(dam["kept"])
 
 

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
 import nara_diffusion as nd
-from nara_diffusion.image import NaRALoadError
+from nara_diffusion import NaRALoadError
 
 
 def _adapted(text_encoders: bool = False, core: str = "noise", seed: int = 0):
@@ -20,13 +20,13 @@ def _adapted(text_encoders: bool = False, core: str = "noise", seed: int = 0):
     cfg = nd.NaRAConfig(r=4, core=core)
     modules = [pipe.unet] + ([pipe.text_encoder, pipe.text_encoder_2] if text_encoders else [])
     for module in modules:
-        nd.image.add_nara(module, cfg, scheduler=pipe.scheduler)
+        nd.image.inject_nara(module, cfg, scheduler=pipe.scheduler)
     perturb_nara_(*modules)
     return pipe
 
 
 def _nara_free(pipe) -> bool:
-    return not any(isinstance(m, nd.NaRALinear) for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
+    return not any(isinstance(m, nd.core.NaRALinear) for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
 
 
 @pytest.mark.parametrize("text_encoders", [False, True], ids=["unet", "unet+text-encoders"])
@@ -192,7 +192,7 @@ def test_bad_folders_and_names(tmp_path):
     assert pipe.unet._nara_tuner.active_adapters == ["default"]
     with pytest.raises(NaRALoadError, match="custom timestep"):
         custom = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
-        nd.image.add_nara(custom.unet, nd.NaRAConfig(r=2), timestep_to_noise_level=lambda t: t / 1000)
+        nd.image.inject_nara(custom.unet, nd.NaRAConfig(r=2), timestep_to_noise_level=lambda t: t / 1000)
         custom.save_nara_weights(tmp_path / "custom")
         tiny = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
         tiny.load_nara_weights(tmp_path / "custom")
@@ -202,7 +202,7 @@ def test_sd15_pipelines_load_the_same_way(tmp_path):
     pipe = nd.image.enable_nara_loading(tiny_sd_pipeline())
     base = generate(pipe)
     for module in (pipe.unet, pipe.text_encoder):
-        nd.image.add_nara(module, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+        nd.image.inject_nara(module, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
     perturb_nara_(pipe.unet, pipe.text_encoder)
     pipe._sync_prompt_encoding()
     expected = generate(pipe)

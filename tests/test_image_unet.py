@@ -1,4 +1,4 @@
-"""`nd.image.add_nara` on diffusers UNets and CLIP text encoders: targets, identity at init, λ = t/T per example."""
+"""`nd.image.inject_nara` on diffusers UNets and CLIP text encoders: targets, identity at init, λ = t/T per example."""
 
 from __future__ import annotations
 
@@ -25,18 +25,18 @@ def _record_lambdas(unet) -> list[dict]:
     return calls
 
 
-def test_add_nara_wraps_every_attention_projection_and_leaves_processors_alone():
+def test_inject_nara_wraps_every_attention_projection_and_leaves_processors_alone():
     pipe = tiny_sdxl_pipeline()
     unet = pipe.unet
     attentions = [m for m in unet.modules() if isinstance(m, Attention)]
     processors = {name: id(p) for name, p in unet.attn_processors.items()}
     keys_before = set(unet.state_dict())
-    out = nd.image.add_nara(unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+    out = nd.image.inject_nara(unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
     assert out is unet
     for attn in attentions:
         for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
-            assert isinstance(layer, nd.NaRALinear)
-    assert sum(isinstance(m, nd.NaRALinear) for m in unet.modules()) == 4 * len(attentions)
+            assert isinstance(layer, nd.core.NaRALinear)
+    assert sum(isinstance(m, nd.core.NaRALinear) for m in unet.modules()) == 4 * len(attentions)
     assert {name: id(p) for name, p in unet.attn_processors.items()} == processors  # SDPA / custom untouched
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all("nara_" in n for n in trainable)
@@ -49,9 +49,9 @@ def test_add_nara_wraps_every_attention_projection_and_leaves_processors_alone()
     # reductions each, ≤ 9·64 = 576 terms) and the VAE decoder (≈ 10), pixels in [0, 1]: ≈ 1e-4. Skipping the NaRA
     # layers moves pixels by ≈ 1e-2.
     np.testing.assert_allclose(generate(pipe), adapted, rtol=0, atol=f32_tol(576, magnitude=1.0, depth=85))
-    nd.image.remove_nara(unet)
+    nd.remove_nara(unet)
     assert np.abs(generate(pipe) - adapted).max() > 1e-3
-    assert not any(isinstance(m, nd.NaRALinear) for m in unet.modules())
+    assert not any(isinstance(m, nd.core.NaRALinear) for m in unet.modules())
     assert set(unet.state_dict()) == keys_before and not hasattr(unet, "nara_hypernet")
 
 
@@ -59,7 +59,7 @@ def test_add_nara_wraps_every_attention_projection_and_leaves_processors_alone()
 def test_pipeline_output_is_bit_identical_at_initialisation(make):
     pipe = make()
     base = generate(pipe)
-    nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+    nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
     assert (generate(pipe) == base).all()
     perturb_(pipe.unet)
     assert not (generate(pipe) == base).all()  # the adapter is in the path once it is not zero
@@ -68,7 +68,7 @@ def test_pipeline_output_is_bit_identical_at_initialisation(make):
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])
 def test_every_denoising_step_sees_its_own_t_over_T(guidance_scale):
     pipe = tiny_sdxl_pipeline()
-    nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+    nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
     perturb_(pipe.unet)
     calls = _record_lambdas(pipe.unet)
     generate(pipe, num_inference_steps=4, num_images_per_prompt=2, guidance_scale=guidance_scale)
@@ -85,7 +85,7 @@ def test_every_denoising_step_sees_its_own_t_over_T(guidance_scale):
 
 def test_one_lambda_per_example_when_timesteps_differ():
     pipe = tiny_sdxl_pipeline()
-    unet = nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+    unet = nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
     perturb_(unet)
     unet.double()  # the perturbed adapter amplifies float32 rounding; in float64 batch and single calls agree
     calls = _record_lambdas(unet)
@@ -120,7 +120,7 @@ def test_one_lambda_per_example_when_timesteps_differ():
 def test_num_train_timesteps_comes_from_the_scheduler_and_out_of_range_timesteps_fail():
     pipe = tiny_sdxl_pipeline()
     pipe.scheduler.register_to_config(num_train_timesteps=500)
-    unet = nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+    unet = nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
     assert unet.peft_config["default"].num_train_timesteps == 500
     assert unet.peft_config["default"].noise_input == "timestep"
     calls = _record_lambdas(unet)
@@ -133,15 +133,15 @@ def test_num_train_timesteps_comes_from_the_scheduler_and_out_of_range_timesteps
             with pytest.raises(nd.NoiseLevelError, match=r"timestep must be finite and in \[0, 500\]"):
                 unet(sample, torch.tensor([bad]), hidden, added_cond_kwargs=added)
     with pytest.raises(ValueError, match="disagrees with the scheduler"):
-        nd.image.add_nara(
+        nd.image.inject_nara(
             tiny_sdxl_pipeline().unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler, num_train_timesteps=9
         )
 
 
 def test_a_custom_timestep_map_replaces_t_over_T():
     pipe = tiny_sdxl_pipeline()
-    unet = nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=4), timestep_to_noise_level=lambda t: t.float() / 2000)
-    assert unet.peft_config["default"].noise_input == "mask_ratio"  # the core's "λ given directly"
+    unet = nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), timestep_to_noise_level=lambda t: t.float() / 2000)
+    assert unet.peft_config["default"].noise_input == "noise_level"  # λ given directly
     calls = _record_lambdas(unet)
     sample, hidden = torch.zeros(2, 4, 8, 8), torch.zeros(2, 5, 64)
     added = {"text_embeds": torch.zeros(2, 32), "time_ids": torch.zeros(2, 6)}
@@ -151,13 +151,13 @@ def test_a_custom_timestep_map_replaces_t_over_T():
         with pytest.raises(nd.NoiseLevelError, match=r"in \[0, 1\]"):
             unet(sample, torch.tensor([100, 2400]), hidden, added_cond_kwargs=added)
     with pytest.raises(ValueError, match="read the timestep the same way"):
-        nd.image.add_nara(unet, nd.NaRAConfig(r=2), adapter_name="second")
+        nd.image.inject_nara(unet, nd.NaRAConfig(r=2), adapter_name="second")
 
 
 def test_text_encoder_adapter_takes_the_timestep_per_example():
     pipe = tiny_sdxl_pipeline()
-    encoder = nd.image.add_nara(pipe.text_encoder_2, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
-    names = {n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nd.NaRALinear)}
+    encoder = nd.image.inject_nara(pipe.text_encoder_2, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)
+    names = {n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nd.core.NaRALinear)}
     assert names == {"q_proj", "k_proj", "v_proj", "out_proj"}
     perturb_(encoder)
     ids = pipe.tokenizer_2(["a photo of sks toy"] * 2, padding="max_length", return_tensors="pt").input_ids

@@ -24,7 +24,7 @@ def test_inject_in_place_owns_the_hypernetwork_and_reads_the_keyword():
     reference = copy.deepcopy(net)
     x = torch.randn(2, 12)
     out = nd.inject_nara(net, nd.NaRAConfig(r=3, target_modules=["layers.0"], lora_dropout=0.0))
-    assert out is net and isinstance(net.layers[0], nd.NaRALinear)
+    assert out is net and isinstance(net.layers[0], nd.core.NaRALinear)
     hypernet_params = {id(p) for p in nd.get_adapter(net).parameters()}
     assert hypernet_params <= {id(p) for p in net.parameters()}
     assert any(k.startswith("nara_hypernet.default.generator") for k in net.state_dict())
@@ -36,7 +36,7 @@ def test_inject_in_place_owns_the_hypernetwork_and_reads_the_keyword():
         torch.testing.assert_close(net(x), net(x, noise_level=0.5))
     nd.remove_nara(net)
     assert not hasattr(net, "nara_hypernet") and not hasattr(net, "peft_config")
-    assert not any(isinstance(m, nd.NaRALinear) for m in net.modules())
+    assert not any(isinstance(m, nd.core.NaRALinear) for m in net.modules())
     torch.testing.assert_close(net(x), reference(x))
 
 

@@ -134,7 +134,7 @@ def test_the_model_loads_the_adapter_and_refuses_unknown_arguments(tiny):
     from nara_diffusion.text.lm_eval_model import NaRALLaDA
 
     lm = NaRALLaDA.create_from_arg_string(f"pretrained={tiny / 'base'},adapter={tiny / 'nara'},dtype=float32")
-    assert isinstance(lm.model.base_model, nd.NaRAModel) and lm.gen_kwargs["block_length"] == 8
+    assert isinstance(lm.model.base_model, nd.core.NaRAModel) and lm.gen_kwargs["block_length"] == 8
     with pytest.raises(ValueError, match="Unknown nara_llada model_args"):
         NaRALLaDA(pretrained=str(tiny / "base"), temprature=0.5)
     with pytest.raises(NotImplementedError, match="masked diffusion"):

@@ -196,7 +196,7 @@ def test_pipeline_adapter_folders_get_a_card_without_machine_paths(tmp_path):
     snapshot = tmp_path / "models--acme--tiny-sdxl" / "snapshots" / "abc"  # the Hub cache's layout
     tiny_sdxl_pipeline().save_pretrained(snapshot)
     pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(snapshot))
-    nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=2), scheduler=pipe.scheduler)
+    nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=2), scheduler=pipe.scheduler)
     perturb_nara_(pipe.unet)
     folder = pipe.save_nara_weights(tmp_path / "adapter", model_card={"steps": 5})
     meta, body = front_matter(folder)
@@ -207,12 +207,12 @@ def test_pipeline_adapter_folders_get_a_card_without_machine_paths(tmp_path):
 
     tiny_sdxl_pipeline().save_pretrained(tmp_path / "local")  # a local folder that records no Hub id
     local = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(tmp_path / "local"))
-    nd.image.add_nara(local.unet, nd.NaRAConfig(r=2), scheduler=local.scheduler)
+    nd.image.inject_nara(local.unet, nd.NaRAConfig(r=2), scheduler=local.scheduler)
     folder = local.save_nara_weights(tmp_path / "from-local")
     assert "base_model" not in front_matter(folder)[0] and str(tmp_path) not in (folder / "README.md").read_text()
 
     plain = nd.image.enable_nara_loading(tiny_sdxl_pipeline())  # built from components: no name at all
-    nd.image.add_nara(plain.unet, nd.NaRAConfig(r=2), scheduler=plain.scheduler)
+    nd.image.inject_nara(plain.unet, nd.NaRAConfig(r=2), scheduler=plain.scheduler)
     folder = nd.image.save_nara_weights(tmp_path / "plain", unet=plain.unet)
     assert "base_model" not in front_matter(folder)[0]
     fresh = nd.image.enable_nara_loading(tiny_sdxl_pipeline())

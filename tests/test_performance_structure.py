@@ -117,7 +117,7 @@ def test_a_unet_call_under_classifier_free_guidance_computes_one_core():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=8,
     ).eval()  # fmt: skip
-    nd.image.add_nara(unet, nd.NaRAConfig(r=4), num_train_timesteps=1000)
+    nd.image.inject_nara(unet, nd.NaRAConfig(r=4), num_train_timesteps=1000)
     n_layers = sum(isinstance(m, layer_module.NaRALinear) for m in unet.modules())
     assert n_layers >= 16
     with count_hypernet_calls(unet) as calls, torch.no_grad():

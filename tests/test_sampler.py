@@ -16,14 +16,8 @@ from torch import nn
 import nara_diffusion as nd
 from nara_diffusion.core.noise import ComputedNoiseLevel
 from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
-from nara_diffusion.text.sampler import (
-    Denoiser,
-    MaskRatio,
-    generate,
-    gumbel_argmax,
-    noise_bin_count,
-    transfer_schedule,
-)
+from nara_diffusion.text.noise_bins import noise_bin_count
+from nara_diffusion.text.sampler import Denoiser, MaskRatio, generate, gumbel_argmax, transfer_schedule
 
 V, MASK, EOS, PAD = 20, 19, 1, 0
 
@@ -433,7 +427,7 @@ def test_bad_input_raises_a_clear_error(kwargs, message):
 
 # -- training the noise-bin baseline --------------------------------------------------------------------------------
 def test_sample_t_in_bin_stays_in_the_bin():
-    from nara_diffusion.text.finetune import sample_t_in_bin
+    from nara_diffusion.text.noise_bins import sample_t_in_bin
 
     gen = torch.Generator().manual_seed(0)
     for k in (1, 2, 3, 4):
@@ -446,7 +440,7 @@ def test_multi_lora_finetune_trains_each_adapter_on_its_bin(tmp_path, monkeypatc
     from test_evaluation import _char_tokenizer
 
     import nara_diffusion.text.finetune as finetune
-    from nara_diffusion.text.evaluation import load_adapter
+    from nara_diffusion.text.loading import load_adapter
 
     tok = _char_tokenizer().char_tokenizer()
     config = LLaDAConfig(

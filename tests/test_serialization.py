@@ -29,7 +29,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _assert_untouched(model, snapshot):
-    assert not any(isinstance(m, nd.NaRALinear) for m in model.modules())
+    assert not any(isinstance(m, nd.core.NaRALinear) for m in model.modules())
     assert not hasattr(model, "peft_config")
     state = model.state_dict()
     assert state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())

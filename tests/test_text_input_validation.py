@@ -8,8 +8,9 @@ import torch
 
 import nara_diffusion as nd
 from nara_diffusion.text import llada as llada_module
-from nara_diffusion.text.evaluation import mc_loglikelihood, noise_profile
+from nara_diffusion.text.likelihood import mc_loglikelihood
 from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
+from nara_diffusion.text.noise_profile import noise_profile
 from nara_diffusion.text.sampler import generate
 
 V, MASK, EOS, PAD = 20, 18, 1, 0

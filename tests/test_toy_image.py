@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SDXL_EXAMPLE
 
-from nara_diffusion.image.toy import (
+from nara_diffusion.toy.image import (
     PALETTE,
     Scene,
     classify_scene,
@@ -139,7 +139,7 @@ def test_no_argument_default_resolves_to_the_toy_files_from_any_directory(tmp_pa
 
 def test_short_toy_dreambooth_run_moves_towards_the_subject_and_writes_the_grid(tmp_path):
     from nara_diffusion.image.dreambooth import DreamBoothConfig
-    from nara_diffusion.image.toy_dreambooth import run_toy_dreambooth, toy_dreambooth_defaults
+    from nara_diffusion.toy.dreambooth import run_toy_dreambooth, toy_dreambooth_defaults
 
     torch.set_num_threads(1)
     settings = toy_dreambooth_defaults(TOY, IMAGES)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from nara_diffusion.text import LLaDAModelLM, toy
+from nara_diffusion.text import LLaDAModelLM
 from nara_diffusion.text.data import encode_prompts
-from nara_diffusion.text.evaluation import load_for_inference
+from nara_diffusion.text.loading import load_for_inference
+from nara_diffusion.toy import text as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "llada"

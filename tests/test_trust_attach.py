@@ -35,7 +35,7 @@ def state_of(model: nn.Module) -> dict[str, Any]:
         "training": {name: m.training for name, m in modules},
         "attributes": {name: sorted(vars(m)) for name, m in modules},
         "adapters": {
-            name: (sorted(m.r), sorted(m.scaling), sorted(m.base_scaling), sorted(m.nara_cores), m.active_adapters)
+            name: (sorted(m.r), sorted(m.scaling), sorted(m.base_scaling), sorted(m.noise_adapters), m.active_adapters)
             for name, m in modules
             if isinstance(m, NaRALayer)
         },
@@ -309,7 +309,7 @@ def _saved_pipeline_adapter(tmp_path, component: str, extra_target: str):
     pipe = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
     modules = {pipe.unet, getattr(pipe, component)}
     for module in modules:
-        nd.image.add_nara(module, nd.NaRAConfig(r=2), scheduler=pipe.scheduler)
+        nd.image.inject_nara(module, nd.NaRAConfig(r=2), scheduler=pipe.scheduler)
     perturb_nara_(*modules)
     folder = pipe.save_nara_weights(tmp_path / "adapter")
     raw = json.loads((folder / "nara_config.json").read_text())
@@ -342,7 +342,7 @@ def test_pipeline_load_with_a_config_that_targets_a_non_linear_module_changes_no
 
 def test_a_text_encoder_adapter_without_a_nara_unet_is_refused_before_anything_changes(tmp_path):
     trained = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
-    nd.image.add_nara(trained.text_encoder, nd.NaRAConfig(r=2), scheduler=trained.scheduler)
+    nd.image.inject_nara(trained.text_encoder, nd.NaRAConfig(r=2), scheduler=trained.scheduler)
     folder = trained.save_nara_weights(tmp_path / "adapter")
     pipe = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
     images, before = generate(pipe), _pipeline_state(pipe)
@@ -355,12 +355,12 @@ def test_a_failed_second_pipeline_adapter_is_rolled_back_exactly(tmp_path, monke
     from nara_diffusion.image import loaders
 
     first = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
-    nd.image.add_nara(first.unet, nd.NaRAConfig(r=2, target_modules=["to_q"]), scheduler=first.scheduler)
+    nd.image.inject_nara(first.unet, nd.NaRAConfig(r=2, target_modules=["to_q"]), scheduler=first.scheduler)
     perturb_nara_(first.unet)
     first.save_nara_weights(tmp_path / "a")
     second = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
-    nd.image.add_nara(second.unet, nd.NaRAConfig(r=2, target_modules=["to_q", "to_k"]), scheduler=second.scheduler)
-    nd.image.add_nara(second.text_encoder, nd.NaRAConfig(r=2))
+    nd.image.inject_nara(second.unet, nd.NaRAConfig(r=2, target_modules=["to_q", "to_k"]), scheduler=second.scheduler)
+    nd.image.inject_nara(second.text_encoder, nd.NaRAConfig(r=2))
     perturb_nara_(second.unet, second.text_encoder)
     second.save_nara_weights(tmp_path / "b")
 
@@ -395,7 +395,7 @@ def test_no_warning_noise_from_a_refused_attach():
 def test_there_is_one_load_error_class():
     from nara_diffusion.image import loaders
 
-    assert nd.NaRALoadError is nd.image.NaRALoadError is loaders.NaRALoadError is serialization.NaRALoadError
+    assert nd.NaRALoadError is nd.core.NaRALoadError is loaders.NaRALoadError is serialization.NaRALoadError
     assert serialization.AdapterLoadError is nd.NaRALoadError and issubclass(nd.NaRALoadError, ValueError)
     assert "NaRALoadError" in nd.__all__
 
@@ -518,7 +518,7 @@ def test_modules_to_save_round_trip_through_load_nara_model(tmp_path):
 
 def test_pipeline_folders_with_non_finite_tensors_or_malformed_configs_raise_the_load_error(tmp_path):
     trained = nd.image.enable_nara_loading(tiny_sdxl_pipeline())
-    nd.image.add_nara(trained.unet, nd.NaRAConfig(r=2), scheduler=trained.scheduler)
+    nd.image.inject_nara(trained.unet, nd.NaRAConfig(r=2), scheduler=trained.scheduler)
     folder = trained.save_nara_weights(tmp_path / "adapter")
     weights_path, config_path = folder / "nara_weights.safetensors", folder / "nara_config.json"
     good_weights, good_config = weights_path.read_bytes(), config_path.read_text()

@@ -18,7 +18,7 @@ from nara_diffusion.core import noise as noise_module
 from nara_diffusion.core.noise import ComputedNoiseLevel
 
 
-def nara_net(seed: int = 0, noise_input: str = "mask_ratio") -> torch.nn.Module:
+def nara_net(seed: int = 0, noise_input: str = "noise_level") -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = nd.NaRAConfig(
         r=3, target_modules=["layers.0", "layers.1"], init_weights=False, noise_input=noise_input, lora_dropout=0.0
@@ -54,7 +54,7 @@ def test_a_meta_tensor_is_refused_with_the_librarys_error():
     model = nara_net()
     lam = torch.empty(2, device="meta")
     with pytest.raises(nd.NoiseLevelError, match="meta tensor"):
-        nd.validate_noise_level(lam)
+        nd.core.validate_noise_level(lam)
     with pytest.raises(nd.NoiseLevelError, match="meta tensor"):
         model(torch.randn(2, 12), noise_level=lam)
     with pytest.raises(nd.NoiseLevelError, match="meta tensor"):
@@ -158,11 +158,11 @@ def test_a_thread_whose_forward_was_interrupted_can_call_the_model_again():
 # -- accelerators: given λ is checked (a Python error), computed λ is not read on the host -----------------------------
 def test_computed_noise_levels_are_still_checked_on_the_cpu():
     with pytest.raises(nd.NoiseLevelError):
-        nd.validate_noise_level(ComputedNoiseLevel(torch.tensor([0.5, 1.5])))
-    out = nd.validate_noise_level(ComputedNoiseLevel(torch.tensor([0.5, 1.0])), batch_size=2)
+        nd.core.validate_noise_level(ComputedNoiseLevel(torch.tensor([0.5, 1.5])))
+    out = nd.core.validate_noise_level(ComputedNoiseLevel(torch.tensor([0.5, 1.0])), batch_size=2)
     assert out.tolist() == [0.5, 1.0]
     with pytest.raises(nd.NoiseLevelError, match="values but the batch has"):
-        nd.validate_noise_level(ComputedNoiseLevel(torch.tensor([0.5, 1.0])), batch_size=3)
+        nd.core.validate_noise_level(ComputedNoiseLevel(torch.tensor([0.5, 1.0])), batch_size=3)
 
 
 def test_off_the_cpu_only_computed_levels_skip_the_host_read(monkeypatch):
@@ -214,7 +214,7 @@ def test_validation_either_refuses_or_returns_the_values_in_range(value, dtype, 
         except (OverflowError, RuntimeError, ValueError):
             return
     try:
-        out = nd.validate_noise_level(given_value, batch_size=batch)
+        out = nd.core.validate_noise_level(given_value, batch_size=batch)
     except nd.NoiseLevelError:
         return
     reference = torch.as_tensor(given_value, dtype=torch.float32).reshape(-1)
@@ -231,7 +231,7 @@ _x = torch.randn(3, 12)
 @given(value=st.one_of(_floats, st.lists(_floats, min_size=1, max_size=4)))
 def test_a_model_call_either_refuses_with_the_librarys_error_or_uses_exactly_the_validated_values(value):
     try:
-        lam = nd.validate_noise_level(value, batch_size=3)
+        lam = nd.core.validate_noise_level(value, batch_size=3)
     except nd.NoiseLevelError:
         with pytest.raises(nd.NoiseLevelError):
             _model(_x, noise_level=value)

@@ -13,10 +13,11 @@ import torch
 from conftest import SDXL_EXAMPLE, TinyNet, tiny_sdxl_pipeline
 from safetensors.torch import load_file
 
+from nara_diffusion.core import folders
 from nara_diffusion.image.dreambooth import DreamBoothConfig, run_dreambooth
 from nara_diffusion.text import finetune as text_finetune
 from nara_diffusion.text.finetune import FinetuneConfig, run_finetune
-from nara_diffusion.training import TrainConfig, Trainer, attach_adapter, checkpoint, load_config
+from nara_diffusion.training import TrainConfig, Trainer, attach_adapter, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "llada" / "data" / "toy_addition.json"
@@ -86,7 +87,7 @@ def _hidden(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_llada(tmp_path_factory) -> Path:
     from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
-    from nara_diffusion.text.toy import char_tokenizer
+    from nara_diffusion.toy.text import char_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llada")
     tok = char_tokenizer()
@@ -283,11 +284,11 @@ def test_a_kill_at_any_point_of_any_save_resumes_to_the_same_result(
             raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_kill_point", kill_point)
+        patch.setattr(folders, "_kill_point", kill_point)
         with pytest.raises(Killed):
             trainer.train()
     assert fired
-    checkpoint.recover(out / "best")  # best/ is never lost, even mid-swap
+    folders.recover(out / "best")  # best/ is never lost, even mid-swap
     assert (out / "best" / "adapter_model.safetensors").is_file()
     _trainer(out, resume=True).train()
     _assert_like_reference(out, net_reference)
@@ -345,15 +346,15 @@ def test_write_atomically_recovers_every_leftover_and_keeps_the_newest_complete_
         return lambda folder: (folder / "f.txt").write_text(text)
 
     dst = tmp_path / "final"
-    checkpoint.write_atomically(dst, fill("one"))
-    _, new, old = checkpoint.siblings(dst)
+    folders.write_atomically(dst, fill("one"))
+    _, new, old = folders.siblings(dst)
     dst.rename(old)
     new.mkdir()
     (new / "f.txt").write_text("two")  # a complete new copy, killed before it was moved in
-    checkpoint.recover(dst)
+    folders.recover(dst)
     assert (dst / "f.txt").read_text() == "two" and _hidden(tmp_path) == []
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.write_atomically(dst, lambda folder: (_ for _ in ()).throw(OSError("disk full")))
+        folders.write_atomically(dst, lambda folder: (_ for _ in ()).throw(OSError("disk full")))
     assert (dst / "f.txt").read_text() == "two" and _hidden(tmp_path) == []
 
 

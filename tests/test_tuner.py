@@ -13,7 +13,7 @@ import nara_diffusion as nd
 
 
 def _adapted(model) -> list[str]:
-    return sorted(n for n, m in model.named_modules() if isinstance(m, nd.NaRALinear))
+    return sorted(n for n, m in model.named_modules() if isinstance(m, nd.core.NaRALinear))
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_merge_is_refused_and_changes_nothing():
 
 def test_peft_get_peft_model_builds_the_same_thing():
     model = peft.get_peft_model(tiny_llama(), nd.NaRAConfig(r=2, target_modules=["q_proj"]))
-    assert isinstance(model.base_model, nd.NaRAModel)
+    assert isinstance(model.base_model, nd.core.NaRAModel)
     assert model(torch.randint(0, 64, (1, 4)), noise_level=0.3).logits.shape == (1, 4, 64)
 
 
@@ -178,8 +178,8 @@ def test_gradient_checkpointing_recomputes_with_the_same_core():
 def test_every_adapted_layer_reads_the_one_shared_hypernetwork():
     model = nd.get_nara_model(tiny_llama(), nd.NaRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
     hn = nd.get_adapter(model)
-    layers = [m for m in model.modules() if isinstance(m, nd.NaRALinear)]
-    assert len(layers) == 4 and all(layer.nara_cores["default"] is hn for layer in layers)
+    layers = [m for m in model.modules() if isinstance(m, nd.core.NaRALinear)]
+    assert len(layers) == 4 and all(layer.noise_adapters["default"] is hn for layer in layers)
     # the hypernetwork is a submodule of the tuner only, so its parameters are counted once
     assert sum(1 for n, _ in model.named_parameters() if "generator.layers.0.weight" in n) == 1
 

@@ -2,25 +2,29 @@
 
     accelerate launch examples/llada/finetune.py
     accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml
-    accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml --adapter lora --r 16
+    accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml --adapter lora --rank 16
 
 With no ``--model``, ``--dataset`` or ``--config``, the embedded default run fine-tunes the toy LLaDA (``toy/``,
 pretrained on arithmetic) with NaRA on a notation it cannot read yet ("What is 63&45?", "&" for subtraction; 1,000
 training problems) and prints its accuracy on 100 held-out problems before and after, with sample generations; a
 minute or two on a CPU. Every field of the YAML file can be given (or overridden) on the command line as
-``--field value``; run with ``--help`` for the list. Adapter folders land in ``<output_dir>/best`` (lowest
-validation loss) and ``<output_dir>/final``; resume an interrupted run with ``--resume true``.
+``--field value``; ``--help`` lists every flag with its help, default and choices (diffusers' names such as
+``--pretrained_model_name_or_path``, ``--rank``, ``--max_train_steps`` are accepted too). Adapter folders land in
+``<output_dir>/best`` (lowest validation loss) and ``<output_dir>/final``; resume an interrupted run with
+``--resume_from_checkpoint latest``; ``--push_to_hub --hub_model_id owner/name`` uploads ``final/`` afterwards.
 """
 
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 from accelerate import PartialState
 
-from nara_diffusion.text import toy
 from nara_diffusion.text.finetune import FinetuneConfig, run_finetune
+from nara_diffusion.toy import text as toy
 from nara_diffusion.training import load_config
 
 HERE = Path(__file__).resolve().parent
@@ -39,9 +43,16 @@ TOY_RUN = {
 }
 
 
-def main() -> None:
-    embedded = not any(a.split("=")[0] in ("--model", "--config", "--dataset") for a in sys.argv[1:])
-    config = load_config(FinetuneConfig, description=__doc__.splitlines()[0], defaults=TOY_RUN if embedded else None)
+#: Flags that make a real run; without any of them the embedded toy run starts.
+REAL_RUN_FLAGS = ("--model", "--pretrained_model_name_or_path", "--config", "--dataset")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse ``argv`` (default: the command line), train, and print what the run measured."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    embedded = not any(a.split("=")[0] in REAL_RUN_FLAGS for a in argv)
+    defaults = TOY_RUN if embedded else None
+    config = load_config(FinetuneConfig, argv, description=__doc__.splitlines()[0], defaults=defaults)
     result = run_finetune(config)
     if not PartialState().is_main_process:
         return

@@ -1,11 +1,11 @@
 """Generate answers with a masked diffusion LM (LLaDA) and an optional NaRA / LoRA / noise-bin adapter.
 
-    python examples/llada/generate.py --adapter outputs/run/final --prompt "What is 12 + 30?"
+    python examples/llada/generate.py --adapter_path outputs/run/final --prompt "What is 12 + 30?"
     python examples/llada/generate.py --model GSAI-ML/LLaDA-8B-Instruct --prompt "..." --gen_length 256 --steps 256 \\
         --block_length 8 --dtype bfloat16
 
 Prompts are rendered with the tokenizer's chat template (as in training). All logic is in
-`nara_diffusion.text.generate` and `nara_diffusion.text.evaluation`.
+`nara_diffusion.text.generate`, `nara_diffusion.text.prompting` and `nara_diffusion.text.loading`.
 """
 
 import argparse
@@ -14,7 +14,8 @@ import logging
 import torch
 
 from nara_diffusion.text.data import encode_prompts
-from nara_diffusion.text.evaluation import generate_texts, load_for_inference
+from nara_diffusion.text.loading import load_for_inference
+from nara_diffusion.text.prompting import generate_texts
 from nara_diffusion.text.sampler import NOISE_RULES, REMASKING
 
 
@@ -26,12 +27,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block size")
     group.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     group.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
-    group.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    group.add_argument("--remasking", choices=REMASKING, default="low_confidence", help="which tokens stay masked")
     group.add_argument("--noise_rule", choices=NOISE_RULES, default="generation", help="λ for NaRA adapters")
     group.add_argument("--till_eos", choices=("auto", "true", "false"), default="auto", help="auto: on for NaRA")
     group.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding")
     group.add_argument("--batch_size", type=int, default=8, help="prompts per sampler batch")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="seed of the sampler's randomness")
 
 
 def sampler_kwargs(args: argparse.Namespace) -> dict:
@@ -51,15 +52,22 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="base model (default: the one the adapter records)")
-    parser.add_argument("--adapter", default=None, help="adapter folder or noise-bin set (default: none)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="base model, Hub id or folder (default: the one the adapter folder records)",
+    )
+    parser.add_argument("--adapter_path", default=None, help="adapter folder or noise-bin set (default: no adapter)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="base weights")
     add_sampler_arguments(parser)
     args = parser.parse_args()
 
-    model, tokenizer = load_for_inference(args.adapter, args.model, args.dtype)
+    model, tokenizer = load_for_inference(args.adapter_path, args.model, args.dtype)
     if torch.cuda.is_available():
         model.cuda()
     texts = generate_texts(

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
-from nara_diffusion.text.toy import char_tokenizer
+from nara_diffusion.toy.text import char_tokenizer
 
 
 def main() -> None:

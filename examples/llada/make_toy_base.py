@@ -3,7 +3,7 @@
     python examples/llada/make_toy_base.py examples/llada/toy
 
 Builds the character-level chat tokenizer and a randomly initialised 4-layer LLaDA (seeded), generates a corpus of
-addition, subtraction and word problems (`nara_diffusion.text.toy`; held-out problems never enter it), trains every
+addition, subtraction and word problems (`nara_diffusion.toy.text`; held-out problems never enter it), trains every
 weight with the masked-diffusion objective in its SFT form (prompt kept, answer + EOS padding masked at ratio
 t ~ U(ε, 1)) through the same `run_finetune` as any fine-tune, and writes the model, the tokenizer, ``scores.json``
 (held-out accuracy per task with the noise-aware sampler, and the downstream task's, which it should not solve) and a
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from nara_diffusion.text import FinetuneConfig, LLaDAModelLM, load_for_inference, run_finetune, toy
+from nara_diffusion.text import FinetuneConfig, LLaDAModelLM, load_for_inference, run_finetune
+from nara_diffusion.toy import text as toy
 from nara_diffusion.training import TrainResult
 
 

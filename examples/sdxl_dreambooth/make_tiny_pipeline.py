@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from nara_diffusion.image.pretrain import assemble_sdxl, clip_text_encoders, clip_tokenizer
-from nara_diffusion.image.toy import draw_subject_images
+from nara_diffusion.toy.image import draw_subject_images
+from nara_diffusion.toy.image_pretrain import assemble_sdxl, clip_text_encoders, clip_tokenizer
 
 #: Words that get a token of their own (all other text falls back to one token per character).
 WORDS = "a photo of sks dog toy ball cube in the on snow beach bucket red white striped pattern garden".split()
@@ -70,7 +70,7 @@ def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 def draw_instance_images(folder: Path) -> list[Path]:
     """Five pictures of one toy (a ball with vertical red and white stripes) on different backgrounds, at different
     sizes, positions and PIL modes (RGB, RGBA, palette), as a user's phone photos would differ
-    (`nara_diffusion.image.toy.draw_subject_images`)."""
+    (`nara_diffusion.toy.image.draw_subject_images`)."""
     return draw_subject_images(folder)
 
 

@@ -1,7 +1,7 @@
 """Pretrain the toy SDXL pipeline on generated scenes of coloured shapes and save it (Hub folder layout).
 
 The pipeline is SDXL's architecture at toy size, built from diffusers' and transformers' own classes (see
-`nara_diffusion.image.pretrain`): 32 × 32 images, a 2× VAE, a 1.7 M-parameter UNet with ``text_time``
+`nara_diffusion.toy.image_pretrain`): 32 × 32 images, a 2× VAE, a 1.7 M-parameter UNet with ``text_time``
 micro-conditioning, two CLIP text encoders and tokenizers. The committed ``examples/sdxl_dreambooth/toy/`` was made
 on a 2-core CPU with one thread by
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nara_diffusion.image.pretrain import PretrainConfig, pretrain_toy_pipeline, scene_accuracy, scene_prompts
+from nara_diffusion.toy.image_pretrain import PretrainConfig, pretrain_toy_pipeline, scene_accuracy, scene_prompts
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

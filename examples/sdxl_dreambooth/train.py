@@ -1,7 +1,8 @@
 """DreamBooth on SDXL (or SD 1.5 / 2.x) with NaRA, NaRA-C or LoRA: a few photos of a subject → an adapter folder.
 
     accelerate launch examples/sdxl_dreambooth/train.py        # the embedded toy default, about a minute on a CPU
-    accelerate launch examples/sdxl_dreambooth/train.py --model stabilityai/stable-diffusion-xl-base-1.0 \\
+    accelerate launch examples/sdxl_dreambooth/train.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog"
     accelerate launch examples/sdxl_dreambooth/train.py \\
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" \\
@@ -16,9 +17,14 @@ prints the subject similarity of "a photo of sks toy" before and after, and writ
 stabilityai/stable-diffusion-xl-base-1.0).
 
 Every field can be given as ``--field value`` (booleans also as a bare ``--flag``) or in a YAML file
-(``--config run.yaml``); ``--help`` lists them. The adapter lands in ``<output_dir>/final`` (load it with
-``pipe.load_nara_weights(...)``, see infer.py), validation grids in ``<output_dir>/validation``, TensorBoard logs in
-``<output_dir>``; resume an interrupted run with ``--resume``.
+(``--config run.yaml``); ``--help`` lists each with its help, default and choices. diffusers'
+``train_dreambooth_lora_sdxl.py`` flags (``--pretrained_model_name_or_path``, ``--rank``, ``--train_batch_size``,
+``--gradient_accumulation_steps``, ``--max_train_steps``, ``--lr_scheduler``, ``--lr_warmup_steps``,
+``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``, ``--push_to_hub``,
+``--hub_model_id``, ...) are accepted, so their commands run with this script path. The adapter lands in
+``<output_dir>/final`` (load it with ``pipe.load_nara_weights(...)``, see infer.py), validation grids in
+``<output_dir>/validation``, TensorBoard logs in ``<output_dir>``; resume an interrupted run with
+``--resume_from_checkpoint latest``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from accelerate import PartialState
 
 from nara_diffusion.image.dreambooth import DreamBoothConfig, run_dreambooth
-from nara_diffusion.image.toy_dreambooth import is_toy_run, run_toy_dreambooth, toy_dreambooth_defaults
+from nara_diffusion.toy.dreambooth import is_toy_run, run_toy_dreambooth, toy_dreambooth_defaults
 from nara_diffusion.training import load_config
 
 HERE = Path(__file__).resolve().parent
@@ -49,25 +55,30 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[DreamBoothConfig, bool]
     return load_config(DreamBoothConfig, argv, description=__doc__.splitlines()[0], defaults=defaults), toy
 
 
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse ``argv`` (default: the command line) and run: the toy demo or a real DreamBooth run."""
+    config, toy = parse(argv)
+    if not toy:
+        result = run_dreambooth(config)
+        if PartialState().is_main_process:
+            print(f"done: {result.global_step} updates; adapter in {result.final_dir}")
+        return
+    if "OMP_NUM_THREADS" not in os.environ:  # the toy gains nothing from threads and loses much on a busy CPU
+        torch.set_num_threads(1)
+    report = run_toy_dreambooth(config)
+    if report.before is not None:
+        for name, scores in (("before", report.before), ("after", report.after)):
+            print(
+                f"{name:>6}: subject similarity {scores.subject:.3f} ('{config.instance_prompt}'); "
+                f"on other backgrounds: background match {scores.context_prompt:.3f}, "
+                f"subject similarity {scores.context_subject:.3f}"
+            )
+        print(f"before/after grid: {report.grid}")
+    print(f"done: {report.global_step} updates; adapter in {report.final_dir}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config, toy = parse()
-    if toy:
-        if "OMP_NUM_THREADS" not in os.environ:  # the toy gains nothing from threads and loses much on a busy CPU
-            torch.set_num_threads(1)
-        report = run_toy_dreambooth(config)
-        if report.before is not None:
-            for name, scores in (("before", report.before), ("after", report.after)):
-                print(
-                    f"{name:>6}: subject similarity {scores.subject:.3f} ('{config.instance_prompt}'); "
-                    f"on other backgrounds: background match {scores.context_prompt:.3f}, "
-                    f"subject similarity {scores.context_subject:.3f}"
-                )
-            print(f"before/after grid: {report.grid}")
-        print(f"done: {report.global_step} updates; adapter in {report.final_dir}")
-    else:
-        result = run_dreambooth(config)
-        if PartialState().is_main_process:
-            print(f"done: {result.global_step} updates; adapter in {result.final_dir}")
+    main()

@@ -1,4 +1,4 @@
-"""The modality-agnostic NaRA core: config, noise levels, hypernetwork, layer, peft tuner, serialisation."""
+"""The modality-agnostic NaRA core: config, noise levels, the shared adapter, layer, peft tuner, adapter folders."""
 
 from .adapter import NoiseConditionedAdapter
 from .config import NaRAConfig

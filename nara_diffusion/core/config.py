@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+from .folders import ADAPTER_WEIGHTS_NAME
 
 #: The peft type string under which NaRA is registered (see `core/tuner.py`).
 NARA_PEFT_TYPE = "NARA"
 
 CORES = ("noise", "constant", "identity")
 EMBEDDINGS = ("fourier", "mlp", "raw")
-NOISE_INPUTS = ("mask_ratio", "timestep")
+NOISE_INPUTS = ("noise_level", "timestep")
+#: Former values of ``noise_input``, accepted (and renamed) so that adapter folders saved before still load.
+_OLD_NOISE_INPUTS = {"mask_ratio": "noise_level"}
 #: Bound on the magnitude of core_scale, scaling, lora_alpha and fourier_scale. Larger values are never meaningful
 #: multipliers and overflow half precision (65504), where ``inf · 0`` turns the zero-initialised branch into NaN.
 MAX_MAGNITUDE = 1e4
@@ -60,8 +63,9 @@ class NaRAConfig(PeftConfig):
             still a function of λ through the embedding) — the smallest hypernetwork, a deliberate choice.
         core: ``"noise"`` (NaRA), ``"constant"`` (NaRA-C: a learned r × r core with no noise input) or
             ``"identity"`` (C = I, i.e. plain LoRA through the same code).
-        noise_input: What callers pass as the noise level: ``"mask_ratio"`` (λ ∈ [0, 1], text) or ``"timestep"``
-            (a diffusion timestep t ∈ [0, num_train_timesteps], converted to λ = t / num_train_timesteps).
+        noise_input: What callers pass as the noise level: ``"noise_level"`` (λ ∈ [0, 1] itself: a mask ratio for
+            text, a mapped timestep for images) or ``"timestep"`` (a diffusion timestep t ∈ [0, num_train_timesteps],
+            converted to λ = t / num_train_timesteps). The former name ``"mask_ratio"`` is read as ``"noise_level"``.
         num_train_timesteps: Number of diffusion training timesteps, used when ``noise_input="timestep"``.
         modules_to_save: Extra modules (by name) to train fully and save with the adapter.
         layers_to_transform: Only adapt these layer indices (peft semantics).
@@ -91,8 +95,8 @@ class NaRAConfig(PeftConfig):
     fourier_scale: float = field(default=16.0, metadata={"help": "sigma of the Gaussian Fourier frequencies."})
     hidden_dims: tuple[int, ...] = field(default=(256, 512), metadata={"help": "Hidden widths of the hypernetwork."})
     core: Literal["noise", "constant", "identity"] = field(default="noise", metadata={"help": "Core variant."})
-    noise_input: Literal["mask_ratio", "timestep"] = field(
-        default="mask_ratio", metadata={"help": "Kind of noise level the caller passes."}
+    noise_input: Literal["noise_level", "timestep"] = field(
+        default="noise_level", metadata={"help": "Kind of noise level the caller passes."}
     )
     num_train_timesteps: int = field(default=1000, metadata={"help": "Timesteps of the diffusion schedule."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra fully trained modules."})
@@ -109,6 +113,8 @@ class NaRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = NARA_PEFT_TYPE
+        if isinstance(self.noise_input, str):
+            self.noise_input = _OLD_NOISE_INPUTS.get(self.noise_input, self.noise_input)
         self._validate()
         self.hidden_dims = tuple(int(d) for d in self.hidden_dims)
         if isinstance(self.target_modules, (set, tuple)):
@@ -203,7 +209,7 @@ class NaRAConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json``, recording the SHA-256 of the ``adapter_model.safetensors`` beside it (peft
         writes the weights first), so that loading can refuse a damaged or swapped weights file."""
-        weights = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
+        weights = Path(save_directory) / ADAPTER_WEIGHTS_NAME
         previous = self.weights_sha256
         self.weights_sha256 = file_sha256(weights) if weights.is_file() else None
         try:

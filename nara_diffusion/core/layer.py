@@ -48,7 +48,8 @@ def apply_core(h: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
 
 class NaRALayer(BaseTunerLayer):
     """Adapter state of a NaRA-wrapped layer: per adapter name, ``nara_A`` (r × d_in), ``nara_B`` (d_out × r),
-    the dropout, the scaling and a plain reference to the model's shared `NoiseConditionedAdapter`."""
+    the dropout, the scaling and a plain reference to the model's shared `NoiseConditionedAdapter`
+    (``noise_adapters[adapter_name]``)."""
 
     adapter_layer_names = ("nara_A", "nara_B")
     other_param_names = ("r", "scaling", "base_scaling", "nara_dropout")
@@ -61,9 +62,9 @@ class NaRALayer(BaseTunerLayer):
         self.nara_dropout = nn.ModuleDict({})
         self.nara_A = nn.ModuleDict({})
         self.nara_B = nn.ModuleDict({})
-        # A plain dict, not a ModuleDict: the shared hypernetwork is owned (and saved, and counted) once, by
-        # the tuner; layers only read its current core.
-        self.nara_cores: dict[str, NoiseConditionedAdapter] = {}
+        # A plain dict, not a ModuleDict: the shared `NoiseConditionedAdapter` is owned (and saved, and counted) once,
+        # by the tuner; layers only read its current core.
+        self.noise_adapters: dict[str, NoiseConditionedAdapter] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -79,12 +80,12 @@ class NaRALayer(BaseTunerLayer):
     def update_layer(
         self,
         adapter_name: str,
-        core: NoiseConditionedAdapter,
+        noise_adapter: NoiseConditionedAdapter,
         config: NaRAConfig,
         inference_mode: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Create the A, B and dropout of ``adapter_name`` and link the layer to the shared ``core``."""
+        """Create the A, B and dropout of ``adapter_name`` and link the layer to the shared ``noise_adapter``."""
         r = config.r
         self.r[adapter_name] = r
         self.base_scaling[adapter_name] = config.effective_scaling
@@ -93,7 +94,7 @@ class NaRALayer(BaseTunerLayer):
         self.nara_dropout[adapter_name] = dropout
         self.nara_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.nara_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        self.nara_cores[adapter_name] = core
+        self.noise_adapters[adapter_name] = noise_adapter
         self.reset_nara_parameters(adapter_name, zero_b=config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -127,7 +128,7 @@ class NaRALayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.nara_cores.pop(adapter_name, None)
+        self.noise_adapters.pop(adapter_name, None)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise NotImplementedError(MERGE_IMPOSSIBLE)
@@ -147,12 +148,17 @@ class NaRALinear(nn.Module, NaRALayer):
     """
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, core: NoiseConditionedAdapter, config: NaRAConfig, **kwargs
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        noise_adapter: NoiseConditionedAdapter,
+        config: NaRAConfig,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         NaRALayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, core, config)
+        self.update_layer(adapter_name, noise_adapter, config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -164,7 +170,7 @@ class NaRALinear(nn.Module, NaRALayer):
                 continue
             a, b = self.nara_A[name], self.nara_B[name]
             h = a(self.nara_dropout[name](x.to(a.weight.dtype)))
-            core = self.nara_cores[name].current_core
+            core = self.noise_adapters[name].current_core
             if core is not None:
                 if core.dtype != h.dtype or core.device != h.device:  # CPU offload may keep the hypernet elsewhere
                     core = core.to(device=h.device, dtype=h.dtype)

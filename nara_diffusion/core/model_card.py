@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from .config import NaRAConfig
+from .folders import ADAPTER_CONFIG_NAME, MODEL_CARD_NAME
 
-CARD_NAME = "README.md"
 #: Keys of ``extra`` that are Hub metadata and go to the YAML front matter; every other key is listed in the body.
 METADATA_KEYS = ("license", "language", "datasets", "metrics", "pipeline_tag", "tags")
 #: The tags every NaRA card carries.
@@ -264,7 +264,7 @@ def write_model_card(
         library_name=library_name,
         tags=tags,
     )
-    path = Path(folder) / CARD_NAME
+    path = Path(folder) / MODEL_CARD_NAME
     _replace_text(path, text)
     return path
 
@@ -331,7 +331,7 @@ def finish_adapter_folder(
     # A Hub id replaces the recorded name; without one the local path peft recorded stays in adapter_config.json, so
     # that evaluation on this machine still finds the base (the card never names it; push_to_hub clears it).
     for name in names if hub_id is not None else ():
-        set_base_model_field((folder if name == "default" else folder / name) / "adapter_config.json", hub_id)
+        set_base_model_field((folder if name == "default" else folder / name) / ADAPTER_CONFIG_NAME, hub_id)
     shown = "default" if "default" in names else names[0]
     subfolders = [n for n in names if n != "default"]  # peft saves every adapter but "default" in a subfolder
     if subfolders:

@@ -1,19 +1,20 @@
-"""Adapter folders: loading ours safely, and importing the NaRA authors' format.
+"""Adapter folders: reading and validating ours (the one reader and fit rule of the package, also used by the
+pipeline loaders of `nara_diffusion.image.loaders`), and importing the NaRA authors' format. File names and the
+atomic writer are in `nara_diffusion.core.folders`.
 
 Our folder is peft's: ``adapter_config.json`` + ``adapter_model.safetensors``, written by
 ``model.save_pretrained(path)``, with a model card (``README.md``, `core/model_card.py`) and no path of the machine
 that wrote it (``base_model_name_or_path`` is a Hub id or null), so it can be published as it is.
 Keys: ``base_model.model.<module>.nara_A.weight`` (r × d_in),
-``…nara_B.weight`` (d_out × r) and ``base_model.nara_hypernet.<…>`` for the shared hypernetwork
-(``embedding.W`` is the Fourier buffer, ``generator.layers.{0,2,4}`` the MLP, ``constant`` the NaRA-C core).
+``…nara_B.weight`` (d_out × r) and ``base_model.nara_hypernet.<…>`` for the shared `NoiseConditionedAdapter`
+(``embedding.W`` is the Fourier buffer, ``generator.layers.{0,2,4}`` the MLP, ``constant`` the NaRA-C core). The
+``nara_hypernet`` segment is the format's historical name for it and is kept, so every folder ever written loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,11 +23,13 @@ import peft
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapter import NoiseConditionedAdapter
 from .config import NARA_PEFT_TYPE, NaRAConfig, file_sha256
+from .folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, REFERENCE_WEIGHTS_NAME, write_atomically
 from .model_card import looks_like_hub_id
 from .tuner import (
     attach_transaction,
@@ -37,11 +40,11 @@ from .tuner import (
     register_with_peft,
 )
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-REFERENCE_WEIGHTS_NAME = "adapter_model.bin"
 MODEL_PREFIX = "base_model.model."
-HYPERNET_PREFIX = "base_model.nara_hypernet."
+#: Where the shared `NoiseConditionedAdapter` of an adapter lives in a state dict (the tuner's ``nara_hypernet``):
+#: part of the on-disk key of every saved adapter, so it keeps its historical name (see docs/architecture.md).
+ADAPTER_STATE_PREFIX = "nara_hypernet."
+HYPERNET_PREFIX = "base_model." + ADAPTER_STATE_PREFIX
 
 PathLike = Union[str, Path]
 
@@ -95,7 +98,7 @@ def _is_reference_config(raw: dict[str, Any]) -> bool:
 def read_config(folder: PathLike) -> NaRAConfig:
     """Read and validate the `NaRAConfig` of an adapter folder (unknown keys are ignored with a warning)."""
     folder = Path(folder)
-    path = folder / CONFIG_NAME
+    path = folder / ADAPTER_CONFIG_NAME
     raw = read_json_object(path)
     if _is_reference_config(raw):
         raise NaRALoadError(
@@ -123,11 +126,26 @@ def check_tensors(state: dict[str, torch.Tensor], where: Union[str, Path]) -> No
             )
 
 
+def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file of adapter tensors: ``(tensors, header metadata)``. A truncated or corrupt file, or
+    tensors a NaRA adapter never holds (`check_tensors`), are a `NaRALoadError` naming the file (and the tensor)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises several types (SafetensorError, OSError, ValueError, ...)
+        raise NaRALoadError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); re-save the adapter or copy the file again."
+        ) from err
+    check_tensors(state, path)
+    return state, metadata
+
+
 def read_weights(folder: PathLike, sha256: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Read ``adapter_model.safetensors``: a missing, damaged (checksum ``sha256`` when known) or non-finite file
     is a clear error naming the file (and the tensor)."""
     folder = Path(folder)
-    path = folder / WEIGHTS_NAME
+    path = folder / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         hint = ""
         if (folder / REFERENCE_WEIGHTS_NAME).is_file():
@@ -135,32 +153,56 @@ def read_weights(folder: PathLike, sha256: Optional[str] = None) -> dict[str, to
                 f" There is an {REFERENCE_WEIGHTS_NAME} (pickle), which is never loaded directly; if the NaRA "
                 "authors' code wrote it, convert it with nd.convert_reference_checkpoint."
             )
-        raise FileNotFoundError(f"No {WEIGHTS_NAME} in {folder}.{hint}")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises several types (SafetensorError, OSError, ValueError, ...)
-        raise NaRALoadError(
-            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); re-save the adapter or copy the file again."
-        ) from err
+        raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {folder}.{hint}")
+    state, _ = read_tensor_file(path)
     if sha256 is not None and file_sha256(path) != sha256:
         raise NaRALoadError(
-            f"{path} is damaged or was replaced: its SHA-256 differs from weights_sha256 in {CONFIG_NAME}, written "
-            "when the adapter was saved. Copy the folder again; if you changed the weights on purpose, delete "
+            f"{path} is damaged or was replaced: its SHA-256 differs from weights_sha256 in {ADAPTER_CONFIG_NAME}, "
+            "written when the adapter was saved. Copy the folder again; if you changed the weights on purpose, delete "
             "weights_sha256 from the config."
         )
-    check_tensors(state, path)
     return state
 
 
 def hypernet_shapes(config: NaRAConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors of the shared hypernetwork of ``config``, with their shapes (built on the meta device: no memory,
-    no draw from the random number generator)."""
+    """The tensors of the shared `NoiseConditionedAdapter` of ``config``, with their shapes (built on the meta device:
+    no memory, no draw from the random number generator)."""
     with torch.device("meta"):
-        hypernet = NoiseConditionedAdapter(config)
-    return {k: tuple(v.shape) for k, v in hypernet.state_dict().items()}
+        adapter = NoiseConditionedAdapter(config)
+    return {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
 
 
-def _modules_to_save(base: nn.Module, config: NaRAConfig, targets: dict[str, nn.Module], where: str) -> dict[str, Any]:
+def adapter_tensor_shapes(model: nn.Module, config: NaRAConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an adapter of ``config`` on ``model`` holds, keyed as saved but without the wrapper's prefix:
+    ``<module>.nara_A.weight`` (r, d_in), ``<module>.nara_B.weight`` (d_out, r) and ``nara_hypernet.<…>`` (the shared
+    `NoiseConditionedAdapter`). The one fit rule of every reader (peft folders here, pipeline folders in
+    `nara_diffusion.image.loaders`).
+
+    Raises:
+        ValueError: the targets of ``config`` match nothing in ``model`` or are not ``nn.Linear`` (`check_targets`).
+    """
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, module in check_targets(model, config).items():
+        expected[f"{path}.nara_A.weight"] = (config.r, module.in_features)
+        expected[f"{path}.nara_B.weight"] = (module.out_features, config.r)
+    expected.update({ADAPTER_STATE_PREFIX + k: v for k, v in hypernet_shapes(config).items()})
+    return expected
+
+
+def fit_problems(weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str) -> list[str]:
+    """One line per tensor of ``weights`` that ``expected`` (key → shape) lacks or shapes otherwise, and per expected
+    key the file lacks; ``where`` names the model in the lines (e.g. ``"this unet"``)."""
+    problems = [
+        f"{key}: shape {tuple(tensor.shape)} in the file, {expected[key]} in {where}"
+        for key, tensor in weights.items()
+        if key in expected and tuple(tensor.shape) != expected[key]
+    ]
+    problems += [f"{key}: no such NaRA tensor in {where}" for key in weights if key not in expected]
+    problems += [f"{key}: missing from the file" for key in expected if key not in weights]
+    return problems
+
+
+def _modules_to_save(base: nn.Module, config: NaRAConfig, targets: set[str], where: str) -> dict[str, Any]:
     """The tensors the file must hold for ``config.modules_to_save`` (matched as peft does: a plain suffix of the
     module name), keyed as peft saves them, with their shapes."""
     names = config.modules_to_save or []
@@ -184,30 +226,25 @@ def _check_fits(base: nn.Module, config: NaRAConfig, weights: dict[str, torch.Te
     targets of the config are ``nn.Linear`` layers of ``base``, each with its A and B of the right shape, and the
     hypernetwork's tensors (which fix ``r``, ``hidden_dims``, ``embedding`` and ``embedding_dim``) are all there."""
     try:
-        targets = check_targets(base, config)
+        shapes = adapter_tensor_shapes(base, config)
     except ValueError as err:
         raise NaRALoadError(
-            f"The adapter in {folder} cannot be attached to this base model ({CONFIG_NAME}, field target_modules): "
-            f"{err}"
+            f"The adapter in {folder} cannot be attached to this base model ({ADAPTER_CONFIG_NAME}, field "
+            f"target_modules): {err}"
         ) from err
-    expected: dict[str, tuple[int, ...]] = {}
-    for path, module in targets.items():
-        expected[f"{MODEL_PREFIX}{path}.nara_A.weight"] = (config.r, module.in_features)
-        expected[f"{MODEL_PREFIX}{path}.nara_B.weight"] = (module.out_features, config.r)
-    expected.update({HYPERNET_PREFIX + k: v for k, v in hypernet_shapes(config).items()})
-    expected.update(_modules_to_save(base, config, targets, str(folder / CONFIG_NAME)))
-    problems: list[str] = []
-    for key, tensor in weights.items():
-        if key not in expected:
-            problems.append(f"{key}: not a tensor of an adapter with this config (target_modules, core, embedding)")
-        elif tuple(tensor.shape) != expected[key]:
-            problems.append(f"{key}: shape {tuple(tensor.shape)} in the file, {expected[key]} expected")
-    problems += [f"{key}: missing from the file" for key in expected if key not in weights]
+    # peft's keys: the shared adapter under the tuner (base_model.), the layers under the wrapped model
+    expected = {
+        ("base_model." if key.startswith(ADAPTER_STATE_PREFIX) else MODEL_PREFIX) + key: shape
+        for key, shape in shapes.items()
+    }
+    targets = {key.rsplit(".nara_", 1)[0] for key in shapes if not key.startswith(ADAPTER_STATE_PREFIX)}
+    expected.update(_modules_to_save(base, config, targets, str(folder / ADAPTER_CONFIG_NAME)))
+    problems = fit_problems(weights, expected, "this base model")
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  …" if len(problems) > 10 else "")
         raise NaRALoadError(
             f"The adapter in {folder} does not fit this base model (was it trained on another model, or does "
-            f"{CONFIG_NAME} not match {WEIGHTS_NAME}?):\n  {shown}"
+            f"{ADAPTER_CONFIG_NAME} not match {ADAPTER_WEIGHTS_NAME}?):\n  {shown}"
         )
 
 
@@ -233,7 +270,7 @@ def _adapter_folder(path: PathLike) -> Path:
     if looks_like_hub_id(str(path)):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        return Path(snapshot_download(str(path), allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]))
     raise FileNotFoundError(f"No adapter folder at {folder} (nor a Hub repo id owner/name).")
 
 
@@ -344,21 +381,6 @@ def _convert_reference_key(key: str) -> str:
     raise NaRALoadError(f"Unknown key {key!r} in the reference checkpoint; it cannot be converted.")
 
 
-def _write_folder_atomically(dst: Path, write: Any, overwrite: bool) -> None:
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True or choose another folder.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        write(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def convert_reference_checkpoint(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path:
     """Convert an adapter folder written by the NaRA authors' code into ours.
 
@@ -371,11 +393,11 @@ def convert_reference_checkpoint(src: PathLike, dst: PathLike, overwrite: bool =
         The path of the new folder, loadable with ``nd.load_nara_model(base, dst)``.
     """
     src, dst = Path(src), Path(dst)
-    raw = read_json_object(src / CONFIG_NAME)
+    raw = read_json_object(src / ADAPTER_CONFIG_NAME)
     if not _is_reference_config(raw):
         raise NaRALoadError(f"{src} is not in the NaRA authors' format (no r_ab / c_scale in its config).")
-    config = _convert_reference_config(raw, src / CONFIG_NAME)
-    if (src / WEIGHTS_NAME).is_file():
+    config = _convert_reference_config(raw, src / ADAPTER_CONFIG_NAME)
+    if (src / ADAPTER_WEIGHTS_NAME).is_file():
         state = read_weights(src)
     elif (src / REFERENCE_WEIGHTS_NAME).is_file():
         try:
@@ -386,7 +408,7 @@ def convert_reference_checkpoint(src: PathLike, dst: PathLike, overwrite: bool =
             raise NaRALoadError(f"{src / REFERENCE_WEIGHTS_NAME} does not hold a state dict (names → tensors).")
         check_tensors(state, src / REFERENCE_WEIGHTS_NAME)
     else:
-        raise FileNotFoundError(f"No {REFERENCE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {src}.")
+        raise FileNotFoundError(f"No {REFERENCE_WEIGHTS_NAME} or {ADAPTER_WEIGHTS_NAME} in {src}.")
     converted = {_convert_reference_key(k): v.detach().contiguous() for k, v in state.items()}
     expected = set(hypernet_shapes(config))
     missing = sorted(expected - {k[len(HYPERNET_PREFIX) :] for k in converted if k.startswith(HYPERNET_PREFIX)})
@@ -394,8 +416,9 @@ def convert_reference_checkpoint(src: PathLike, dst: PathLike, overwrite: bool =
         raise NaRALoadError(f"The reference checkpoint lacks hypernetwork tensors: {missing}.")
 
     def write(folder: Path) -> None:  # weights first: the config records their checksum
-        save_file(converted, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(converted, str(folder / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(folder))
 
-    _write_folder_atomically(dst, write, overwrite)
-    return dst
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True or choose another folder.")
+    return write_atomically(dst, write)

@@ -96,7 +96,11 @@ class ForwardState:
 
 class NaRAModel(BaseTuner):
     """Peft tuner for NaRA: wraps target linear layers in `NaRALinear` and owns one
-    `NoiseConditionedAdapter` per adapter name (``nara_hypernet[adapter_name]``), shared by all its layers."""
+    `NoiseConditionedAdapter` per adapter name, shared by all its layers.
+
+    The adapters live in ``self.nara_hypernet[adapter_name]``: the attribute name is part of every saved state-dict
+    key (``base_model.nara_hypernet.…``, ``unet.nara_hypernet.…``), so it keeps its historical name for the on-disk
+    format; the Python names around it (``noise_adapters`` of a layer, `get_adapter`) follow the class."""
 
     prefix: str = "nara_"
     tuner_layer_cls = NaRALayer
@@ -104,8 +108,8 @@ class NaRAModel(BaseTuner):
     uses_shared_state: bool = True
 
     # -- injection ----------------------------------------------------------------------------------------
-    def _ensure_hypernet(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> NoiseConditionedAdapter:
-        """Create the adapter's shared hypernetwork (once) and the model-level λ hooks (once per model).
+    def _ensure_noise_adapter(self, model: nn.Module, config: NaRAConfig, adapter_name: str) -> NoiseConditionedAdapter:
+        """Create the adapter's shared `NoiseConditionedAdapter` (once) and the model-level λ hooks (once per model).
 
         Called from `inject_adapter` (inside its transaction, after the targets were checked) and, idempotently,
         from `_create_and_replace`.
@@ -117,9 +121,9 @@ class NaRAModel(BaseTuner):
             self._adapters_enabled = True
             self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         if adapter_name not in self.nara_hypernet:
-            hypernet = NoiseConditionedAdapter(config).to(_first_device(model))
-            hypernet.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
-            self.nara_hypernet[adapter_name] = hypernet
+            noise_adapter = NoiseConditionedAdapter(config).to(_first_device(model))
+            noise_adapter.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+            self.nara_hypernet[adapter_name] = noise_adapter
         if not self._hook_handles:
             self._hook_handles = [
                 model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
@@ -140,7 +144,7 @@ class NaRAModel(BaseTuner):
         state_dict = kwargs.get("state_dict", args[2] if len(args) > 2 else None)
         check_targets(model, config, state_dict=state_dict)
         with attach_transaction(self, model, configs=[config]):
-            self._ensure_hypernet(model, config, adapter_name)
+            self._ensure_noise_adapter(model, config, adapter_name)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _create_and_replace(
@@ -153,11 +157,11 @@ class NaRAModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        core = self._ensure_hypernet(self.model, config, adapter_name)
+        noise_adapter = self._ensure_noise_adapter(self.model, config, adapter_name)
         if isinstance(target, NaRALayer):
-            target.update_layer(adapter_name, core, config, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, noise_adapter, config, inference_mode=config.inference_mode)
             return
-        new_module = NaRALinear(target, adapter_name, core, config)
+        new_module = NaRALinear(target, adapter_name, noise_adapter, config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -169,8 +173,8 @@ class NaRAModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
-        for name, hypernet in self.nara_hypernet.items():
-            hypernet.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
+        for name, noise_adapter in self.nara_hypernet.items():
+            noise_adapter.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
 
     # -- λ routing ----------------------------------------------------------------------------------------
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -182,22 +186,22 @@ class NaRAModel(BaseTuner):
         names = [n for n in self.active_adapters if n in self.nara_hypernet] if self._adapters_enabled else []
         lams = []
         for name in names:
-            hypernet, cfg, lam = self.nara_hypernet[name], self.peft_config[name], None
+            noise_adapter, cfg, lam = self.nara_hypernet[name], self.peft_config[name], None
             if value is not None:  # validated even where unused, so a bad value never passes silently
                 lam = to_noise_level(
                     value,
                     cfg.noise_input,
                     cfg.num_train_timesteps,
                     batch_size=_batch_size(args, kwargs),
-                    device=_first_device(hypernet),
+                    device=_first_device(noise_adapter),
                 )
-            elif hypernet.needs_noise_level:
+            elif noise_adapter.needs_noise_level:
                 raise NoiseLevelError(
                     "This NaRA model is conditioned on the noise level but was called without one: pass "
                     "noise_level=λ (a float or a [batch] tensor in [0, 1], or a timestep when the config "
                     "says noise_input='timestep'), or wrap the call in `with nd.noise_level(model, λ):`."
                 )
-            lams.append(lam if hypernet.needs_noise_level else None)
+            lams.append(lam if noise_adapter.needs_noise_level else None)
         self._claim_forward()
         for name, lam in zip(names, lams, strict=True):
             self.nara_hypernet[name].begin_forward(lam)
@@ -207,8 +211,8 @@ class NaRAModel(BaseTuner):
         # Also runs when the forward (or its pre-hook) raised; a call that never claimed the model clears nothing,
         # so a forward refused for running beside another thread's leaves that forward's core in place.
         if self._forward_state.release():
-            for hypernet in self.nara_hypernet.values():
-                hypernet.end_forward()
+            for noise_adapter in self.nara_hypernet.values():
+                noise_adapter.end_forward()
 
     def _claim_forward(self) -> None:
         """Mark this thread as running the model's forward; refuse a concurrent one from another thread.
@@ -239,8 +243,8 @@ class NaRAModel(BaseTuner):
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        for name, hypernet in self.nara_hypernet.items():
-            hypernet.requires_grad_(name in self.active_adapters and not inference_mode)
+        for name, noise_adapter in self.nara_hypernet.items():
+            noise_adapter.requires_grad_(name in self.active_adapters and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -546,8 +550,10 @@ def inject_nara(
     """Attach a NaRA adapter to ``model`` in place and return ``model`` (no PeftModel wrapper).
 
     This is the shape diffusers users know from ``unet.add_adapter(lora_config)``: the adapted layers and the
-    shared hypernetwork (``model.nara_hypernet``) become part of ``model``, so ``model.parameters()``,
-    ``model.to(...)`` and ``model.state_dict()`` include them. A second call adds another named adapter.
+    shared `NoiseConditionedAdapter` (``model.nara_hypernet[adapter_name]``) become part of ``model``, so
+    ``model.parameters()``, ``model.to(...)`` and ``model.state_dict()`` include them. A second call adds another
+    named adapter. For diffusers UNets and CLIP text encoders, ``nd.image.inject_nara`` is this call with the image
+    defaults filled in (targets, T from the scheduler, the timestep reader as ``noise_level_fn``).
 
     Args:
         model: Any torch module whose target layers are ``nn.Linear``.
@@ -626,7 +632,8 @@ def is_nara_model(model: nn.Module) -> bool:
 
 
 def get_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> NoiseConditionedAdapter:
-    """The shared `NoiseConditionedAdapter` (hypernetwork) of ``adapter_name`` (default: the active adapter)."""
+    """The shared `NoiseConditionedAdapter` of ``adapter_name`` (default: the active adapter); ``.core(λ)`` gives
+    C(λ), ``[B, r, r]``."""
     tuner = find_nara_tuner(model)
     name = adapter_name if adapter_name is not None else tuner.active_adapters[0]
     if name not in tuner.nara_hypernet:

@@ -2,17 +2,16 @@
 
 ```python
 import nara_diffusion as nd
-unet = nd.image.add_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)   # λ = t/T from every call
+unet = nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)   # λ = t/T from every call
 pipe = nd.image.enable_nara_loading(pipe)          # or nd.image.NaRAStableDiffusionXLPipeline.from_pretrained(...)
 pipe.load_nara_weights("outputs/dreambooth/final")
+nd.image.run_dreambooth(nd.image.DreamBoothConfig(instance_data_dir="dog/", instance_prompt="a photo of sks dog"))
 ```
 """
 
+from .dreambooth import DreamBoothConfig, run_dreambooth
 from .loaders import (
-    CONFIG_NAME,
-    WEIGHT_NAME,
     NaRALoaderMixin,
-    NaRALoadError,
     NaRAStableDiffusionPipeline,
     NaRAStableDiffusionXLPipeline,
     enable_nara_loading,
@@ -21,24 +20,22 @@ from .loaders import (
     save_nara_weights,
 )
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
-from .unet import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, TimestepReader, add_nara, remove_nara
+from .unet import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, TimestepReader, inject_nara
 
 __all__ = [
-    "CONFIG_NAME",
     "TEXT_ENCODER_TARGET_MODULES",
     "UNET_TARGET_MODULES",
-    "WEIGHT_NAME",
-    "NaRALoadError",
+    "DreamBoothConfig",
     "NaRALoaderMixin",
     "NaRAStableDiffusionPipeline",
     "NaRAStableDiffusionXLPipeline",
     "TimestepReader",
-    "add_nara",
     "disable_per_step_prompt_encoding",
     "enable_nara_loading",
     "enable_per_step_prompt_encoding",
+    "inject_nara",
     "nara_state_dict",
     "read_nara_weights",
-    "remove_nara",
+    "run_dreambooth",
     "save_nara_weights",
 ]

@@ -34,22 +34,26 @@ from typing import Any, Optional, Union
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .._compat import add_mixin
-from ..core import NaRAConfig, NaRALinear, NaRALoadError, attach_transaction, check_targets
-from ..core.model_card import CARD_NAME, config_name_or_path, hub_base_model, render_model_card
-from ..core.serialization import check_tensors, hypernet_shapes
-from ..training import write_atomically
+from ..core import NaRAConfig, NaRALinear, NaRALoadError, attach_transaction, remove_nara
+from ..core.folders import MODEL_CARD_NAME, PIPELINE_CONFIG_NAME, PIPELINE_WEIGHTS_NAME, write_atomically
+from ..core.model_card import config_name_or_path, hub_base_model, render_model_card
+from ..core.serialization import (
+    ADAPTER_STATE_PREFIX,
+    adapter_tensor_shapes,
+    build_config,
+    check_tensors,
+    fit_problems,
+    read_tensor_file,
+)
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
-from .unet import TimestepMap, adapter_names, add_nara, nara_tuner, needs_noise_level, remove_nara
+from .unet import TimestepMap, adapter_names, inject_nara, nara_tuner, needs_noise_level
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_NAME = "nara_weights.safetensors"
-CONFIG_NAME = "nara_config.json"
 METADATA_KEY = "nara_config"
 FORMAT, FORMAT_VERSION = "nara-diffusers", 1
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -66,7 +70,7 @@ def nara_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dic
     """
     tuner = nara_tuner(model)
     if tuner is None:
-        raise ValueError(f"{type(model).__name__} carries no NaRA adapter (attach one with nd.image.add_nara).")
+        raise ValueError(f"{type(model).__name__} carries no NaRA adapter (attach one with nd.image.inject_nara).")
     name = adapter_name or tuner.active_adapters[0]
     if name not in tuner.nara_hypernet:
         raise KeyError(f"No NaRA adapter named {name!r}; available: {list(tuner.nara_hypernet)}.")
@@ -94,14 +98,7 @@ def _config_from_dict(raw: Any, where: str) -> NaRAConfig:
         raise NaRALoadError(f"{where} is a JSON {type(raw).__name__}, not an object of NaRAConfig fields.")
     if raw.get("peft_type", "NARA") != "NARA":
         raise NaRALoadError(f"{where} (field peft_type) describes a {raw.get('peft_type')!r} adapter, not NaRA.")
-    known = {f.name for f in dataclasses.fields(NaRAConfig) if f.init}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        logger.warning("Ignoring unknown keys in %s: %s", where, unknown)
-    try:
-        return NaRAConfig(**{k: v for k, v in raw.items() if k in known})
-    except (ValueError, TypeError) as err:
-        raise NaRALoadError(f"{where}: {err}") from err
+    return build_config(raw, where)
 
 
 def save_nara_weights(
@@ -120,7 +117,7 @@ def save_nara_weights(
 
     Args:
         save_directory: The folder to write (replaced if it exists).
-        unet, text_encoder, text_encoder_2: Components carrying NaRA (attached with `add_nara`); at least one.
+        unet, text_encoder, text_encoder_2: Components carrying NaRA (attached with `inject_nara`); at least one.
         adapter_name: Which adapter to save (default: each component's active one).
         is_main_process: Only the main process writes (as with diffusers' ``save_lora_weights``).
         base_model: The base pipeline's Hub id ``owner/name`` (default: traced from the components' configs; a
@@ -143,7 +140,7 @@ def save_nara_weights(
     for prefix, model in parts.items():
         tuner = nara_tuner(model)
         if tuner is None:
-            raise ValueError(f"{prefix} carries no NaRA adapter; attach one with nd.image.add_nara first.")
+            raise ValueError(f"{prefix} carries no NaRA adapter; attach one with nd.image.inject_nara first.")
         name = adapter_name or tuner.active_adapters[0]
         for key, tensor in nara_state_dict(model, name).items():
             tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
@@ -153,9 +150,9 @@ def save_nara_weights(
     card = _model_card(parts, saved, base_model, model_card)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHT_NAME), metadata={"format": "pt", METADATA_KEY: text})
-        (tmp / CONFIG_NAME).write_text(text + "\n")
-        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
+        save_file(tensors, str(tmp / PIPELINE_WEIGHTS_NAME), metadata={"format": "pt", METADATA_KEY: text})
+        (tmp / PIPELINE_CONFIG_NAME).write_text(text + "\n")
+        (tmp / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
 
     return write_atomically(folder, write)
 
@@ -191,24 +188,26 @@ def _model_card(
 def _resolve(path: Union[str, Path], weight_name: Optional[str], hub_kwargs: dict[str, Any]) -> tuple[Path, Path]:
     """(weights file, config file next to it) for a folder, a weights file or a Hub repo id."""
     path = Path(path)
-    name = weight_name or WEIGHT_NAME
+    name = weight_name or PIPELINE_WEIGHTS_NAME
     subfolder = hub_kwargs.pop("subfolder", None)
     local = path / subfolder if subfolder else path
     if local.is_dir():
-        return local / name, local / CONFIG_NAME
+        return local / name, local / PIPELINE_CONFIG_NAME
     if local.is_file():
-        return local, local.parent / CONFIG_NAME
+        return local, local.parent / PIPELINE_CONFIG_NAME
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith((".", "/")):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
         weights = Path(hf_hub_download(str(path), name, subfolder=subfolder, **hub_kwargs))
         try:
-            config = Path(hf_hub_download(str(path), CONFIG_NAME, subfolder=subfolder, **hub_kwargs))
+            config = Path(hf_hub_download(str(path), PIPELINE_CONFIG_NAME, subfolder=subfolder, **hub_kwargs))
         except EntryNotFoundError:
-            config = weights.parent / CONFIG_NAME
+            config = weights.parent / PIPELINE_CONFIG_NAME
         return weights, config
-    raise FileNotFoundError(f"No NaRA weights at {path}: not a folder, a {WEIGHT_NAME} file, or a Hub repo id.")
+    raise FileNotFoundError(
+        f"No NaRA weights at {path}: not a folder, a {PIPELINE_WEIGHTS_NAME} file, or a Hub repo id."
+    )
 
 
 def read_nara_weights(
@@ -244,15 +243,7 @@ def read_nara_weights(
         raise FileNotFoundError(
             f"No {weights_path.name} in {weights_path.parent}; was it written by save_nara_weights?"
         )
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises several types (SafetensorError, OSError, ValueError, ...)
-        raise NaRALoadError(
-            f"{weights_path} is truncated or corrupt ({type(err).__name__}: {err}); save the adapter again."
-        ) from err
-    check_tensors(state, weights_path)
+    state, metadata = read_tensor_file(weights_path)
     if configs:
         return state, dict(configs)
     if config_path.is_file():
@@ -260,7 +251,7 @@ def read_nara_weights(
     elif METADATA_KEY in metadata:
         where = f"the header of {weights_path}"
     else:
-        raise FileNotFoundError(f"No {CONFIG_NAME} beside {weights_path} and no NaRA config in its header.")
+        raise FileNotFoundError(f"No {PIPELINE_CONFIG_NAME} beside {weights_path} and no NaRA config in its header.")
     try:
         raw = json.loads(config_path.read_bytes().decode("utf-8") if config_path.is_file() else metadata[METADATA_KEY])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -286,34 +277,17 @@ def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
     return parts
 
 
-def _expected_shapes(model: nn.Module, config: NaRAConfig, component: str) -> dict[str, tuple[int, ...]]:
-    """Every key (without adapter name) an adapter of ``config`` on ``model`` holds, with its shape; refuses targets
-    that match nothing or are not ``nn.Linear`` (the core's `check_targets`, peft's matching rules)."""
+def check_fits(model: nn.Module, config: NaRAConfig, state: dict[str, torch.Tensor], component: str) -> None:
+    """Raise `NaRALoadError` unless ``state`` (keys without the component prefix) is exactly what an adapter of
+    ``config`` on ``model`` holds (the core's fit rule, `adapter_tensor_shapes`)."""
     try:
-        targets = check_targets(model, config)
+        expected = adapter_tensor_shapes(model, config)
     except ValueError as err:
         raise NaRALoadError(
             f"The NaRA config of the {component} (field target_modules) does not fit the pipeline's {component}; "
             f"nothing was changed: {err}"
         ) from err
-    expected: dict[str, tuple[int, ...]] = {}
-    for key, module in targets.items():
-        expected[f"{key}.nara_A.weight"] = (config.r, module.in_features)
-        expected[f"{key}.nara_B.weight"] = (module.out_features, config.r)
-    expected.update({f"nara_hypernet.{k}": v for k, v in hypernet_shapes(config).items()})
-    return expected
-
-
-def check_fits(model: nn.Module, config: NaRAConfig, state: dict[str, torch.Tensor], component: str) -> None:
-    """Raise `NaRALoadError` unless ``state`` is exactly what an adapter of ``config`` on ``model`` holds."""
-    expected = _expected_shapes(model, config, component)
-    problems = [
-        f"{k}: shape {tuple(v.shape)} in the file, {expected[k]} in this {component}"
-        for k, v in state.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    problems += [f"{k}: no such NaRA tensor in this {component}" for k in state if k not in expected]
-    problems += [f"{k}: missing from the file" for k in expected if k not in state]
+    problems = fit_problems(state, expected, f"this {component}")
     if problems:
         shown = "\n  ".join(problems[:8]) + ("\n  …" if len(problems) > 8 else "")
         raise NaRALoadError(
@@ -338,8 +312,8 @@ def _free_name(models: list[nn.Module], wanted: Optional[str]) -> str:
 def _load_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
     mapped = {}
     for key, tensor in state.items():
-        if key.startswith("nara_hypernet."):
-            mapped[f"nara_hypernet.{name}.{key[len('nara_hypernet.') :]}"] = tensor
+        if key.startswith(ADAPTER_STATE_PREFIX):
+            mapped[f"{ADAPTER_STATE_PREFIX}{name}.{key[len(ADAPTER_STATE_PREFIX) :]}"] = tensor
         else:
             stem, _, leaf = key.rpartition(".")
             mapped[f"{stem}.{name}.{leaf}"] = tensor
@@ -416,9 +390,9 @@ class NaRALoaderMixin:
                 raise NaRALoadError(f"The adapter has weights for {component}, which this pipeline lacks.")
         custom = timestep_to_noise_level is not None
         for component, config in configs.items():
-            if config.noise_input == "mask_ratio" and not custom:
+            if config.noise_input == "noise_level" and not custom:
                 raise NaRALoadError(
-                    f"The {component} adapter was trained with a custom timestep → λ map (noise_input='mask_ratio');"
+                    f"The {component} adapter was trained with a custom timestep → λ map (noise_input='noise_level');"
                     " pass the same map as timestep_to_noise_level=."
                 )
             if config.noise_input == "timestep" and custom:
@@ -447,7 +421,7 @@ class NaRALoaderMixin:
         with attach_transaction(*touched, *(nara_tuner(m) for m in touched)):
             for component in parts:
                 model, config = models[component], dataclasses.replace(configs[component], inference_mode=True)
-                add_nara(model, config, name, timestep_to_noise_level=timestep_to_noise_level)
+                inject_nara(model, config, name, timestep_to_noise_level=timestep_to_noise_level)
                 _load_tensors(model, parts[component], name)
                 nara_tuner(model).set_adapter(name, inference_mode=True)
             self._sync_prompt_encoding()

@@ -1,6 +1,8 @@
 """NaRA on diffusers UNets (and their CLIP text encoders), with λ read from the diffusion timestep of every call.
 
-``add_nara(unet, config)`` attaches NaRA in place, as ``unet.add_adapter(lora_config)`` does for LoRA: the attention
+``nd.image.inject_nara(unet, config, scheduler=pipe.scheduler)`` is ``nd.inject_nara`` with the image defaults filled
+in (targets, T from the scheduler, the timestep reader as ``noise_level_fn``): it attaches NaRA in place, as
+``unet.add_adapter(lora_config)`` does for LoRA: the attention
 projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every ``Attention``, the modules diffusers' own LoRA
 targets) become `NaRALinear` layers; the attention processors are not touched, so SDPA, xformers or a custom
 processor keep working. A forward pre-hook reads the ``timestep`` argument of ``UNet2DConditionModel.forward``
@@ -22,9 +24,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..core import NaRAConfig, NoiseLevelError, inject_nara
-from ..core import remove_nara as _core_remove_nara
-from ..core.tuner import NaRAModel
+from ..core import NaRAConfig, NoiseLevelError
+from ..core import inject_nara as _core_inject_nara
+from ..core.tuner import _INPLACE_TUNER, NaRAModel
 
 #: diffusers' own LoRA targets on a UNet: the projections of every attention block.
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -34,11 +36,9 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 #: Maps the ``timestep`` a UNet receives (a ``[B]`` or 0-d tensor) to λ ∈ [0, 1], e.g. for flow-matching sigmas.
 TimestepMap = Callable[[torch.Tensor], torch.Tensor]
 
-_INPLACE_TUNER = "_nara_tuner"  # where `nd.inject_nara` keeps its tuner (core/tuner.py)
-
 
 def nara_tuner(model: nn.Module) -> Optional[NaRAModel]:
-    """The in-place NaRA tuner of ``model`` (attached with `add_nara` / ``nd.inject_nara``), or None."""
+    """The in-place NaRA tuner of ``model`` (attached with ``nd.image.inject_nara`` / ``nd.inject_nara``), or None."""
     tuner = model.__dict__.get(_INPLACE_TUNER)
     return tuner if isinstance(tuner, NaRAModel) else None
 
@@ -56,7 +56,7 @@ class TimestepReader:
 
     With no ``timestep_to_noise_level`` the timestep itself is returned and the core divides by the config's
     ``num_train_timesteps`` (``noise_input="timestep"``, validated in [0, T]); with one, the mapped λ ∈ [0, 1] is
-    returned (the adapter then has ``noise_input="mask_ratio"``, the core's name for "λ given directly").
+    returned (the adapter then has ``noise_input="noise_level"``: λ given directly).
 
     Args:
         timestep_to_noise_level: Optional map from the UNet's ``timestep`` argument to λ.
@@ -83,11 +83,11 @@ class TimestepReader:
 
 
 def unet_reader(unet: nn.Module) -> TimestepReader:
-    """The `TimestepReader` that conditions ``unet`` (attached by `add_nara`)."""
+    """The `TimestepReader` that conditions ``unet`` (attached by `inject_nara`)."""
     tuner = nara_tuner(unet)
     reader = getattr(tuner, "noise_level_fn", None)
     if not isinstance(reader, TimestepReader):
-        raise ValueError("This UNet carries no NaRA adapter attached with nd.image.add_nara.")
+        raise ValueError("This UNet carries no NaRA adapter attached with nd.image.inject_nara.")
     return reader
 
 
@@ -107,7 +107,7 @@ def prepare_config(
             `TEXT_ENCODER_TARGET_MODULES`.
         scheduler: A diffusers scheduler; its ``config.num_train_timesteps`` becomes T.
         num_train_timesteps: T given directly (when there is no scheduler at hand).
-        timestep_to_noise_level: A custom map from the timestep to λ (then ``noise_input="mask_ratio"``).
+        timestep_to_noise_level: A custom map from the timestep to λ (then ``noise_input="noise_level"``).
     """
     changes: dict[str, Any] = {}
     if config.target_modules is None:
@@ -121,11 +121,11 @@ def prepare_config(
         num_train_timesteps = scheduler_t
     if num_train_timesteps is not None:
         changes["num_train_timesteps"] = int(num_train_timesteps)
-    changes["noise_input"] = "timestep" if timestep_to_noise_level is None else "mask_ratio"
+    changes["noise_input"] = "timestep" if timestep_to_noise_level is None else "noise_level"
     return dataclasses.replace(config, **changes)
 
 
-def add_nara(
+def inject_nara(
     model: nn.Module,
     config: NaRAConfig,
     adapter_name: str = "default",
@@ -134,7 +134,9 @@ def add_nara(
     num_train_timesteps: Optional[int] = None,
     timestep_to_noise_level: Optional[TimestepMap] = None,
 ) -> nn.Module:
-    """Attach NaRA to a diffusers UNet (or a CLIP text encoder) in place and return it.
+    """Attach NaRA to a diffusers UNet (or a CLIP text encoder) in place and return it: ``nd.inject_nara`` with the
+    image defaults (targets, ``noise_input``, T) filled into ``config`` and, on a UNet, a `TimestepReader` as its
+    ``noise_level_fn``. ``nd.remove_nara(model)`` undoes it.
 
     On a UNet (any module whose ``forward`` takes ``timestep``, e.g. ``UNet2DConditionModel``), every call is
     conditioned on its own timestep: λ = timestep / T per example (a scalar timestep broadcasts to the batch),
@@ -153,7 +155,7 @@ def add_nara(
 
     Returns:
         ``model``, adapted in place: its NaRA layers and ``model.nara_hypernet`` are part of its parameters and
-        state dict; every other parameter is frozen. `remove_nara` restores it.
+        state dict; every other parameter is frozen. ``nd.remove_nara`` restores it.
 
     Raises:
         ValueError: ``target_modules`` match nothing, or ``adapter_name`` is taken.
@@ -173,13 +175,9 @@ def add_nara(
                 "All NaRA adapters of one UNet read the timestep the same way; this one was given another "
                 "timestep_to_noise_level than the adapter already attached."
             )
-        return inject_nara(model, config, adapter_name, noise_level_fn=TimestepReader(timestep_to_noise_level))
-    return inject_nara(model, config, adapter_name)
-
-
-def remove_nara(model: nn.Module) -> nn.Module:
-    """Remove every NaRA adapter from ``model`` (attached with `add_nara`): the original layers come back."""
-    return _core_remove_nara(model)
+        reader = TimestepReader(timestep_to_noise_level)
+        return _core_inject_nara(model, config, adapter_name, noise_level_fn=reader)
+    return _core_inject_nara(model, config, adapter_name)
 
 
 def adapter_names(model: nn.Module) -> list[str]:

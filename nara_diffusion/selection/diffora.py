@@ -28,8 +28,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..training.config import option
+from ..training.loop import LossFn
+
 SCOPES = ("global", "per_layer")
-LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
 _B_NAMES = ("nara_B", "lora_B")
 
 
@@ -316,12 +318,18 @@ class SelectionConfig:
     ``select="diffora"`` runs `select_before_training`; ``None`` adapts every target module.
     """
 
-    select: Optional[str] = None
-    sample_rate: float = 0.5
-    select_scope: str = "global"
-    search_steps: int = 50
-    search_holdout: float = 0.2
-    alpha_lr: float = 3e-3
+    select: Optional[str] = option(
+        None,
+        help="Learn which modules get an adapter before training (none: adapt every target).",
+        choices=("diffora", None),
+    )
+    sample_rate: float = option(0.5, help="DiffoRA: share of the candidate modules kept, in (0, 1].")
+    select_scope: str = option(
+        "global", help="DiffoRA: rank modules over the model or within each layer.", choices=SCOPES
+    )
+    search_steps: int = option(50, help="DiffoRA: updates of the relaxed search.")
+    search_holdout: float = option(0.2, help="DiffoRA: share of the training set held out to learn the gates α.")
+    alpha_lr: float = option(3e-3, help="DiffoRA: learning rate of the gates α.")
 
     def check_selection(self) -> None:
         """Raise ValueError for an unknown ``select``, a ``sample_rate`` outside (0, 1], a bad scope or holdout."""

@@ -4,21 +4,16 @@ imported on its own.)"""
 
 from . import llada
 from .data import collate_sft, load_sft_data, tokenize_sft
-from .evaluation import (
-    GenerationEval,
-    evaluate_generation,
-    load_adapter,
-    load_for_inference,
-    mc_loglikelihood,
-    noise_profile,
-    plot_noise_profiles,
-    score_answer,
-)
-from .finetune import FinetuneConfig, load_base_model, run_finetune
+from .finetune import FinetuneConfig, run_finetune
+from .likelihood import mc_loglikelihood
 from .llada import LLaDAConfig, LLaDAModelLM
+from .loading import load_adapter, load_base_model, load_for_inference
 from .masking import MaskedBatch, mask_answers
-from .objectives import masked_diffusion_loss, sft_loss
-from .sampler import Denoiser, MaskRatio, canvas_noise_level, generate, noise_bin_count
+from .noise_bins import noise_bin_count
+from .noise_profile import noise_profile, plot_noise_profiles
+from .objectives import lift_loss, masked_diffusion_loss, sft_loss
+from .sampler import Denoiser, MaskRatio, canvas_noise_level, generate
+from .scoring import GenerationEval, evaluate_generation, score_answer
 
 __all__ = [
     "Denoiser",
@@ -32,6 +27,7 @@ __all__ = [
     "collate_sft",
     "evaluate_generation",
     "generate",
+    "lift_loss",
     "llada",
     "load_adapter",
     "load_base_model",

@@ -11,14 +11,13 @@ only on examples whose noise level t falls in its bin ((k−1)/K, k/K]. This is 
 from t ~ U(ε, 1) would give the same examples, K times more slowly). The adapters are trained one after another, each
 a complete LoRA run with the full step budget (so K times the compute of one LoRA) in ``<output_dir>/noise_bin_<k>/``;
 ``<output_dir>/final/`` (and ``best/``) then gather them as ``noise_bin_1 … noise_bin_K`` sub-folders, the layout
-`nara_diffusion.text.evaluation.load_adapter` loads and `nara_diffusion.text.generate` switches between.
+`nara_diffusion.text.loading.load_adapter` loads and `nara_diffusion.text.generate` switches between.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,20 +27,23 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from ..core.model_card import finish_adapter_folder, hub_base_model
 from ..selection.diffora import SelectionConfig, select_before_training
-from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter, write_atomically
-from ..training.config import check_float, check_int, check_model_path
+from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapter
+from ..training.config import check_float, check_int, describe, option
+from ..training.hub import push_folder_to_hub
 from ..training.loop import has_started
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
 from .data import SFTSplits, collate_sft, load_records, load_sft_data
-from .evaluation import ANSWER_KINDS, GenerationEval, evaluate_generation, load_adapter
+from .loading import DTYPES, load_adapter, load_base_model
 from .masking import DEFAULT_EPS, MASKING_MODES
-from .objectives import gift_loss, lift_sft_loss, sft_loss
-from .sampler import noise_bin_name
+from .model_info import resolve_mask_token_id
+from .noise_bins import gather_noise_bins, noise_bin_bounds, noise_bin_name, sample_t_in_bin
+from .objectives import LIFT_POLICIES, LIFT_VARIANTS, RHO_DISTRIBUTIONS, gift_loss, lift_sft_loss, sft_loss
+from .scoring import ANSWER_KINDS, GenerationEval, evaluate_generation
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTI_LORA = "multi-lora"
 OBJECTIVES = ("vanilla", "lift", "gift")
 FINETUNE_ADAPTERS = (*ADAPTERS, MULTI_LORA)
@@ -55,43 +57,64 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
     max_length 512, lr 1e-4, effective batch 32).
     """
 
-    model: str = "GSAI-ML/LLaDA-8B-Instruct"
-    dataset: str = ""
-    prompt_column: Optional[str] = None
-    answer_column: Optional[str] = None
-    input_column: Optional[str] = None
-    max_length: int = 512
-    val_size: int = 128
-    val_seed: int = 42
-    adapter: str = "nara"
-    bins: Optional[int] = None  # K, the number of noise bins, for adapter="multi-lora" only
-    r: int = 32
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"])
-    core_scale: float = 0.1
-    lora_dropout: float = 0.05
-    scaling: float = 1.0
-    masking: str = "uniform"
-    mask_eps: float = DEFAULT_EPS
-    dtype: str = "float32"
-    load_in_4bit: bool = False
-    # Which tokens are supervised: "vanilla" (LLaDA's SFT), "lift" or "gift" (see text/objectives.py).
-    objective: str = "vanilla"
-    lift_variant: str = "lift3"
-    lift_policy: str = "time"
-    lift_rho: str = "code"
-    lift_vanilla_coef: float = 3.0
-    approximate: bool = False
-    # NaRA's hypernetwork widths (NaRAConfig.hidden_dims)
-    hidden_dims: list[int] = field(default_factory=lambda: [256, 512])
-    # Accuracy of generated answers on a test set before and after training (off while test_dataset is empty):
-    # <output_dir>/test_before.jsonl and test_after.jsonl, and TrainResult.metrics.
-    test_dataset: str = ""
-    test_size: Optional[int] = None  # the first N records; None: all
-    test_kind: str = "auto"  # answer format, see text/evaluation.py
-    test_gen_length: int = 256
-    test_steps: Optional[int] = None  # reverse steps; None: test_gen_length
-    test_block_length: int = 8
-    test_batch_size: int = 8
+    model: str = option(
+        "GSAI-ML/LLaDA-8B-Instruct",
+        help="Base masked-diffusion LM: Hub id or local folder.",
+        aliases=["pretrained_model_name_or_path"],
+    )
+    dataset: str = option(
+        "", help="Training data: a .json/.jsonl file (chat or LLM-Adapters records) or a Hub dataset name."
+    )
+    prompt_column: Optional[str] = option(None, help="Column of the prompt (none: guessed from the records).")
+    answer_column: Optional[str] = option(None, help="Column of the answer (none: guessed from the records).")
+    input_column: Optional[str] = option(None, help="Column of an extra input appended to the prompt (none: no such).")
+    max_length: int = option(512, help="Tokens per training example (prompt + answer), longer ones truncated.")
+    val_size: int = option(128, help="Training examples held out for the validation loss (0: no validation set).")
+    val_seed: int = option(42, help="Seed of the validation split.")
+    adapter: str = option(
+        "nara",
+        help="Adapter kind: NaRA, NaRA-C (constant core), peft's LoRA, full fine-tuning or the noise-bin "
+        "Multi-LoRA baseline (needs --bins).",
+        choices=FINETUNE_ADAPTERS,
+    )
+    bins: Optional[int] = option(None, help="K, the number of noise bins, for --adapter multi-lora only.")
+    r: int = option(32, help="Adapter rank (NaRAConfig.r; LoRA's r).", aliases=["rank"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"],
+        metadata=describe("Module names to adapt (space- or comma-separated)."),
+    )
+    core_scale: float = option(0.1, help="NaRA's η: C(λ) = I + η·F(λ).")
+    lora_dropout: float = option(0.05, help="Dropout on the adapter's input.")
+    scaling: float = option(1.0, help="Scale s of the adapter's branch (LoRA: alpha = scaling × rank).")
+    masking: str = option("uniform", help="How masked positions are drawn at noise level t.", choices=MASKING_MODES)
+    mask_eps: float = option(DEFAULT_EPS, help="Smallest noise level: t ~ U(mask_eps, 1).")
+    dtype: str = option("float32", help="Dtype of the base model's weights.", choices=tuple(DTYPES))
+    load_in_4bit: bool = option(False, help="Load the base model in 4 bits (QLoRA; needs bitsandbytes and CUDA).")
+    objective: str = option(
+        "vanilla",
+        help="Which tokens are supervised: LLaDA's SFT, LIFT or GIFT (text/objectives.py).",
+        choices=OBJECTIVES,
+    )
+    lift_variant: str = option("lift3", help="LIFT variant (objective lift).", choices=LIFT_VARIANTS)
+    lift_policy: str = option("time", help="LIFT token-selection policy (objective lift).", choices=LIFT_POLICIES)
+    lift_rho: str = option("code", help="LIFT's ρ distribution (objective lift).", choices=RHO_DISTRIBUTIONS)
+    lift_vanilla_coef: float = option(3.0, help="Weight of the vanilla term in LIFT's loss.")
+    approximate: bool = option(False, help="LIFT: approximate token scores with the masked forward (cheaper).")
+    hidden_dims: list[int] = field(
+        default_factory=lambda: [256, 512],
+        metadata=describe("Widths of NaRA's hypernetwork layers (NaRAConfig.hidden_dims)."),
+    )
+    test_dataset: str = option(
+        "",
+        help="Test records whose generated answers are scored before and after training "
+        "(<output_dir>/test_before.jsonl, test_after.jsonl); empty: no test.",
+    )
+    test_size: Optional[int] = option(None, help="Score the first N test records only (none: all).")
+    test_kind: str = option("auto", help="Answer format of the test set (text/scoring.py).", choices=ANSWER_KINDS)
+    test_gen_length: int = option(256, help="Tokens generated per test answer.")
+    test_steps: Optional[int] = option(None, help="Reverse steps per test answer (none: --test_gen_length).")
+    test_block_length: int = option(8, help="Semi-autoregressive block length of the test sampler.")
+    test_batch_size: int = option(8, help="Test prompts per sampler batch.")
 
     def validate(self) -> None:
         """Raise ValueError, naming the flag, for settings no run can use (see `TrainConfig.validate`)."""
@@ -151,53 +174,6 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
                 f"test_block_length ({self.test_block_length}) must divide test_gen_length ({self.test_gen_length}) "
                 f"and 1 <= test_steps <= test_gen_length (got {steps})."
             )
-
-
-def load_base_model(name: str, dtype: str = "float32", load_in_4bit: bool = False) -> tuple[nn.Module, Any]:
-    """Load a masked-diffusion LM and its tokenizer (local folder or Hub id; LLaDA needs no remote code).
-
-    Raises:
-        ValueError: the model has no ``mask_token_id`` in its config, i.e. is not a masked-diffusion LM.
-        ImportError: ``load_in_4bit`` without bitsandbytes.
-    """
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    name = check_model_path(name)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
-    if load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                "--load_in_4bit needs bitsandbytes (pip install bitsandbytes, on a CUDA machine)."
-            ) from err
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForMaskedLM.from_pretrained(name, **kwargs)
-    if getattr(model.config, "mask_token_id", None) is None:
-        raise ValueError(
-            f"{name} has no mask_token_id in its config: it is not a masked-diffusion LM (e.g. LLaDA), so the "
-            "masked-diffusion objective cannot be trained on it."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    return model, tokenizer
-
-
-def sample_t_in_bin(
-    batch_size: int,
-    index: int,
-    num_bins: int,
-    *,
-    eps: float = DEFAULT_EPS,
-    generator: Optional[torch.Generator] = None,
-    device: Union[torch.device, str] = "cpu",
-) -> torch.Tensor:
-    """t ~ U(max(ε, (k−1)/K), k/K) per example: noise levels of bin ``index`` = k (1-based) of K, ``[B]`` float32."""
-    low, high = max(eps, (index - 1) / num_bins), index / num_bins
-    source = generator.device if generator is not None else torch.device(device)
-    u = torch.rand((batch_size,), generator=generator, device=source, dtype=torch.float64).to(device)
-    return (low + (high - low) * u).float()
 
 
 def _masked_diffusion_step(
@@ -267,7 +243,7 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
     set_seed(config.seed)
     if model is None or tokenizer is None:
         model, tokenizer = load_base_model(config.model, config.dtype, config.load_in_4bit)
-    mask_token_id = model.config.mask_token_id
+    mask_token_id = resolve_mask_token_id(model)
     splits = load_sft_data(
         config.dataset,
         tokenizer,
@@ -287,7 +263,8 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
     if config.adapter == MULTI_LORA:
         result = _run_noise_bins(config, model, tokenizer, splits, mask_token_id)
         trained = load_adapter(model, result.final_dir) if before is not None else model
-        return _with_test_metrics(result, before, _test(trained, tokenizer, test_records, config, "after"))
+        result = _with_test_metrics(result, before, _test(trained, tokenizer, test_records, config, "after"))
+        return _publish(result, config, None)
     options: dict[str, Union[float, str, list[int]]] = {}
     if config.adapter.startswith("nara"):
         options["core_scale"] = config.core_scale
@@ -318,7 +295,32 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         model.print_trainable_parameters()
     logger.info("%d training / %d validation examples", len(splits.train), len(splits.val or []))
     result = trainer.train()
-    return _with_test_metrics(result, before, _test(model, tokenizer, test_records, config, "after"))
+    result = _with_test_metrics(result, before, _test(model, tokenizer, test_records, config, "after"))
+    return _publish(result, config, model)
+
+
+def _publish(result: TrainResult, config: FinetuneConfig, model: Optional[nn.Module]) -> TrainResult:
+    """On the main process: NaRA's card in ``final/`` with what the run measured (data, steps, test scores; the
+    base model by its Hub id only), then with ``push_to_hub`` the upload of ``final/``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        if model is not None and config.adapter in ("nara", "nara-c"):
+            facts: dict[str, Any] = {"data": _data_name(config.dataset), "steps": result.global_step}
+            if result.metrics:
+                facts["scores"] = dict(result.metrics)
+            finish_adapter_folder(model, result.final_dir, base_model=hub_base_model(config.model), extra=facts)
+        if config.push_to_hub:
+            repo = push_folder_to_hub(result.final_dir, config.hub_model_id, base_model=config.model)
+            logger.info("Uploaded %s to https://huggingface.co/%s", result.final_dir, repo)
+    state.wait_for_everyone()
+    return result
+
+
+def _data_name(dataset: str) -> str:
+    """A dataset as the card may name it: a Hub name as given, a local file by its file name only."""
+    return Path(dataset).name if Path(dataset).expanduser().exists() else dataset
 
 
 def _test(
@@ -382,9 +384,7 @@ def _run_noise_bins(
             lora_dropout=config.lora_dropout,
             scaling=config.scaling,
         )
-        logger.info(
-            "noise bin %d/%d: t in (%g, %g]", index, config.bins, (index - 1) / config.bins, index / config.bins
-        )
+        logger.info("noise bin %d/%d: t in (%g, %g]", index, config.bins, *noise_bin_bounds(index, config.bins))
         trainer = Trainer(
             peft_model,
             bin_config,
@@ -397,9 +397,9 @@ def _run_noise_bins(
         results.append(trainer.train())
         model = peft_model.unload()  # the untouched base again, for the next bin
     if trainer.accelerator.is_main_process:
-        _gather_bins(root / "final", [r.final_dir for r in results], tokenizer)
+        gather_noise_bins(root / "final", [r.final_dir for r in results], tokenizer)
         if all(r.best_dir is not None for r in results):
-            _gather_bins(root / "best", [r.best_dir for r in results], tokenizer)
+            gather_noise_bins(root / "best", [r.best_dir for r in results], tokenizer)
     trainer.accelerator.wait_for_everyone()
     losses = [r.best_val_loss for r in results]
     best = (root / "best") if all(r.best_dir is not None for r in results) else None
@@ -409,17 +409,6 @@ def _run_noise_bins(
         final_dir=root / "final",
         best_dir=best,
     )
-
-
-def _gather_bins(folder: Path, sources: list[Path], tokenizer: Any) -> None:
-    """Write ``folder/noise_bin_<k>/`` (a copy of bin k's adapter folder) for every k, plus the tokenizer."""
-
-    def fill(tmp: Path) -> None:
-        for index, source in enumerate(sources, start=1):
-            shutil.copytree(source, tmp / noise_bin_name(index))
-        tokenizer.save_pretrained(tmp)
-
-    write_atomically(folder, fill)
 
 
 def config_pad_token_id(model: nn.Module) -> Optional[int]:

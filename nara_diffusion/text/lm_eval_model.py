@@ -15,7 +15,7 @@ model_args={...}, tasks=[...])``.
 ``batch_size`` left-padded prompts, cuts the answer at the first EOS/EoT token and then at the task's stop strings.
 As in LLaDA's harness, the sampler settings come from ``model_args``: a task's ``max_gen_toks``, ``temperature`` or
 ``do_sample`` are not used (the generation length of a diffusion sampler is fixed up front).
-``loglikelihood`` is LLaDA's Monte-Carlo ELBO (`nara_diffusion.text.evaluation.mc_loglikelihood`): ``mc_num``
+``loglikelihood`` is LLaDA's Monte-Carlo ELBO (`nara_diffusion.text.likelihood.mc_loglikelihood`): ``mc_num``
 samples in mini-batches of ``mc_batch_size``, stratified mask counts, the adapter given λ = the sample's mask ratio;
 ``is_greedy`` is computed only with ``is_check_greedy=True`` (by generating the continuation with one token per
 step, LLaDA's ``suffix_greedy_prediction``). ``loglikelihood_rolling`` (perplexity tasks) is not defined for
@@ -33,14 +33,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from tqdm.auto import tqdm
 
-from .evaluation import (
-    decode_generation,
-    left_pad,
-    load_for_inference,
-    mc_loglikelihood,
-    pad_token_for,
-    stop_token_ids,
-)
+from .likelihood import mc_loglikelihood
+from .loading import load_for_inference
+from .model_info import resolve_mask_token_id
+from .prompting import decode_generation, left_pad, pad_token_for, stop_token_ids
 from .sampler import NOISE_RULES, generate
 
 logger = logging.getLogger(__name__)
@@ -125,7 +121,7 @@ class NaRALLaDA(TemplateLM):
                 logger.warning("device=%s requested but CUDA is not available; running on the CPU.", device)
                 self._device = torch.device("cpu")
         self.model.to(self._device)
-        self.mask_id = int(self.model.config.mask_token_id)
+        self.mask_id = resolve_mask_token_id(self.model)
         if str(batch_size).startswith("auto"):
             logger.warning("nara_llada has no automatic batch size; using batch_size=1.")
             batch_size = 1

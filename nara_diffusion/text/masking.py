@@ -57,7 +57,7 @@ def answer_region(prompt_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     return positions.unsqueeze(0) >= prompt_lengths.unsqueeze(1)
 
 
-def _rand(
+def uniform(
     shape: tuple[int, ...],
     generator: Optional[torch.Generator],
     device: torch.device,
@@ -80,7 +80,7 @@ def sample_t(
     Computed as ε + (1 − ε)·u with u ~ U[0, 1), LLaDA's ``p_mask``; done in float64 so that t never rounds up to 1.
     """
     _check_eps(eps)
-    u = _rand((batch_size,), generator, torch.device(device), dtype=torch.float64)
+    u = uniform((batch_size,), generator, torch.device(device), dtype=torch.float64)
     return (eps + (1.0 - eps) * u).float()
 
 
@@ -127,7 +127,7 @@ def mask_answers(
     if mode == "uniform":
         masked = _mask_exactly(region, num_to_mask(t, answer_lengths), generator)
     else:
-        masked = region & (_rand((batch, seq_len), generator, device) < t.unsqueeze(1))
+        masked = region & (uniform((batch, seq_len), generator, device) < t.unsqueeze(1))
     noisy = input_ids.masked_fill(masked, mask_token_id)
     return MaskedBatch(noisy_ids=noisy, masked=masked, t=t, answer_lengths=answer_lengths)
 
@@ -150,7 +150,7 @@ def _mask_exactly(region: torch.Tensor, k: torch.Tensor, generator: Optional[tor
         k: ``[B]`` long, each ≤ the row's region size.
     """
     batch, seq_len = region.shape
-    scores = _rand((batch, seq_len), generator, region.device).masked_fill(~region, 2.0)
+    scores = uniform((batch, seq_len), generator, region.device).masked_fill(~region, 2.0)
     order = scores.argsort(dim=1)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(seq_len, device=region.device).expand(batch, seq_len))

@@ -26,20 +26,7 @@ from nara_diffusion.core.noise import ComputedNoiseLevel
 from nara_diffusion.core.tuner import is_nara_model
 
 from .masking import DEFAULT_EPS, MaskedBatch, MaskingMode, answer_region, mask_answers, sample_t
-
-# Wrappers that keep the real model under ``.module`` (matched by name so torch.distributed is never imported).
-_PARALLEL_WRAPPERS = ("DataParallel", "DistributedDataParallel", "FullyShardedDataParallel")
-
-
-def _unwrap_parallel(model: nn.Module) -> nn.Module:
-    """Strip data-parallel wrappers and ``torch.compile``'s ``OptimizedModule``."""
-    while True:
-        if type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+from .model_info import unwrap_parallel
 
 
 def is_noise_conditioned(model: nn.Module) -> bool:
@@ -48,14 +35,14 @@ def is_noise_conditioned(model: nn.Module) -> bool:
     Covers NaRA PeftModels and models adapted in place (`nd.inject_nara`), through DDP / FSDP / DataParallel
     wrappers and ``torch.compile``. A peft LoRA model or a bare model gives False.
     """
-    return is_nara_model(_unwrap_parallel(model))
+    return is_nara_model(unwrap_parallel(model))
 
 
 def supports_logits_positions(model: nn.Module) -> bool:
     """True when the innermost model's ``forward`` has a ``logits_positions`` parameter (peft wrappers seen through)."""
-    model = _unwrap_parallel(model)
+    model = unwrap_parallel(model)
     while isinstance(model, peft.PeftModel):
-        model = _unwrap_parallel(model.get_base_model())
+        model = unwrap_parallel(model.get_base_model())
     try:
         return "logits_positions" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

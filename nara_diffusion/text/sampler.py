@@ -23,7 +23,7 @@ EOS to the end and drops out of the batch.
 A NaRA model receives it as ``noise_level=λ``; a LoRA or base model is called without it. A peft model whose
 adapters are named ``noise_bin_1 … noise_bin_K`` is the noise-bin baseline: before each forward the adapter of bin
 ⌈λ·K⌉ (clamped to [1, K]) is made active, rows of different bins going through separate forwards. The bin is taken
-from the exact fraction in integers, so λ = 3/5 with K = 5 is bin 3 (float rounding would give 4).
+from the exact fraction in integers (`nara_diffusion.text.noise_bins.noise_bin`), so λ = 3/5 with K = 5 is bin 3.
 
 With temperature 0, no adapter and the same settings, the tokens are those of LLaDA's reference ``generate()``.
 Differences by design: ties in confidence go to the lower position (a stable sort; ``torch.topk`` leaves them
@@ -38,26 +38,25 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional
 
-import peft
 import torch
 from torch import nn
 
 from nara_diffusion.core.noise import ComputedNoiseLevel
 
-from .objectives import _unwrap_parallel, is_noise_conditioned, supports_logits_positions
+from .masking import uniform
+from .model_info import model_device, resolve_mask_token_id, unwrap_parallel
+from .noise_bins import noise_bin, noise_bin_count, noise_bin_name
+from .objectives import is_noise_conditioned, supports_logits_positions
 from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
 
 NoiseRule = Literal["generation", "sequence", "block"]
 Remasking = Literal["low_confidence", "random"]
 NOISE_RULES: tuple[str, ...] = ("generation", "sequence", "block")
 REMASKING: tuple[str, ...] = ("low_confidence", "random")
-NOISE_BIN_PREFIX = "noise_bin_"
-_NOISE_BIN_RE = re.compile(rf"^{NOISE_BIN_PREFIX}(\d+)$")
 # Confidence given to suppressed candidates: below any probability (and any U[0, 1) draw), above non-candidates.
 _SUPPRESSED = -1.0
 
@@ -74,8 +73,8 @@ class MaskRatio(NamedTuple):
         return self.masked.float() / self.total.float()
 
     def bin(self, num_bins: int) -> torch.Tensor:
-        """``[B]`` long noise bin ⌈λ·K⌉ clamped to [1, K], computed in integers."""
-        return torch.div(self.masked * num_bins + self.total - 1, self.total, rounding_mode="floor").clamp(1, num_bins)
+        """``[B]`` long noise bin ⌈λ·K⌉ clamped to [1, K], computed in integers (`noise_bin`)."""
+        return noise_bin(self.masked, self.total, num_bins)
 
     def subset(self, rows: torch.Tensor) -> MaskRatio:
         return MaskRatio(self.masked[rows], self.total[rows])
@@ -125,42 +124,6 @@ def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
     return [base + (i < extra) for i in range(steps_per_block)]
 
 
-# -- noise-bin adapter sets ---------------------------------------------------------------------------------------
-def noise_bin_name(index: int) -> str:
-    """Adapter name of noise bin ``index`` (1-based): ``noise_bin_<index>``."""
-    return f"{NOISE_BIN_PREFIX}{index}"
-
-
-def noise_bin_index(name: str) -> Optional[int]:
-    """The bin k of an adapter named ``noise_bin_<k>``, else None."""
-    match = _NOISE_BIN_RE.match(name)
-    return int(match.group(1)) if match else None
-
-
-def noise_bin_count(model: nn.Module) -> Optional[int]:
-    """K when ``model`` is a peft model carrying the noise-bin adapters ``noise_bin_1 … noise_bin_K``, else None.
-
-    Raises:
-        ValueError: some bins are present but the set is incomplete (a missing or a zero bin).
-    """
-    model = _unwrap_parallel(model)
-    config = getattr(model, "peft_config", None) if isinstance(model, peft.PeftModel) else None
-    if not config:
-        return None
-    found = {k for name in config if (k := noise_bin_index(name)) is not None}
-    if not found:
-        return None
-    count = max(found)
-    missing = sorted(set(range(1, count + 1)) - found)
-    if missing or 0 in found:
-        raise ValueError(
-            f"Incomplete noise-bin adapter set: adapters {sorted(found)} are loaded, so bins 1..{count} are expected "
-            f"but {[noise_bin_name(i) for i in (missing or [0])]} "
-            f"{'is missing' if missing else 'is not a valid bin'}. Load every bin (noise_bin_1 … noise_bin_K)."
-        )
-    return count
-
-
 # -- the model call -------------------------------------------------------------------------------------------------
 class Denoiser:
     """Calls a masked-diffusion LM the way its adapter needs, for the sampler and the likelihood estimator.
@@ -186,7 +149,7 @@ class Denoiser:
         self._saved: Optional[tuple[bool, Any, dict[str, bool]]] = None
 
     def __enter__(self) -> Denoiser:
-        inner = _unwrap_parallel(self.model)
+        inner = unwrap_parallel(self.model)
         grads = {n: p.requires_grad for n, p in inner.named_parameters()} if self.num_bins else {}
         self._saved = (self.model.training, getattr(inner, "active_adapter", None), grads)
         self.model.eval()
@@ -194,7 +157,7 @@ class Denoiser:
 
     def __exit__(self, *exc: object) -> None:
         training, adapter, grads = self._saved
-        inner = _unwrap_parallel(self.model)
+        inner = unwrap_parallel(self.model)
         if self.num_bins and adapter is not None:
             inner.set_adapter(adapter)
             for name, param in inner.named_parameters():
@@ -250,7 +213,7 @@ class Denoiser:
         """Make the adapter of noise bin ``index`` (1-based) active, if it is not already."""
         name = noise_bin_name(index)
         if name != self._active:
-            _unwrap_parallel(self.model).set_adapter(name, inference_mode=True)
+            unwrap_parallel(self.model).set_adapter(name, inference_mode=True)
             self._active = name
 
     def _forward(
@@ -282,15 +245,8 @@ def gumbel_argmax(
     """
     if temperature == 0:
         return logits.argmax(-1)
-    u = _uniform(logits.shape, generator, logits.device, torch.float64)
+    u = uniform(logits.shape, generator, logits.device, torch.float64)
     return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
-
-
-def _uniform(
-    shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    source = generator.device if generator is not None else device
-    return torch.rand(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
 
 
 def propose(
@@ -317,7 +273,7 @@ def propose(
     if remasking == "low_confidence":
         confidence = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     else:
-        confidence = _uniform(x0.shape, generator, x0.device, logits.dtype)
+        confidence = uniform(x0.shape, generator, x0.device, logits.dtype)
     if suppress_tokens is not None and suppress_tokens.numel():
         confidence = confidence.masked_fill(torch.isin(x0, suppress_tokens), _SUPPRESSED)
     return x0, confidence
@@ -531,16 +487,14 @@ def generate(
             rows; checked once, before the first step), an unknown option, a noise-bin adapter set with a missing bin.
     """
     config = getattr(model, "config", None)
-    mask_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
-    if mask_id is None:
-        raise ValueError("No mask token: pass mask_token_id= (the model's config has no mask_token_id).")
+    mask_id = resolve_mask_token_id(model, mask_token_id)
     eos_id = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
     if isinstance(eos_id, (list, tuple)):  # some configs list several EOS ids: the first one ends and fills
         eos_id = eos_id[0] if eos_id else None
     input_ids, attention_mask = _check_prompts(input_ids, attention_mask, int(mask_id))
     vocab_size = model_vocab_size(model)
     check_token_ids(input_ids, vocab_size)  # once here, so the model's own per-forward check can be skipped below
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     limit = max_length if max_length is not None else _model_max_length(config)
@@ -690,12 +644,6 @@ def _id_tensor(ids: Sequence[int], device: torch.device) -> Optional[torch.Tenso
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
 def _model_max_length(config: Any) -> Optional[int]:
     for name in ("max_sequence_length", "max_position_embeddings"):
         value = getattr(config, name, None)
@@ -705,7 +653,6 @@ def _model_max_length(config: Any) -> Optional[int]:
 
 
 __all__ = [
-    "NOISE_BIN_PREFIX",
     "NOISE_RULES",
     "REMASKING",
     "Denoiser",
@@ -713,9 +660,6 @@ __all__ = [
     "canvas_noise_level",
     "generate",
     "gumbel_argmax",
-    "noise_bin_count",
-    "noise_bin_index",
-    "noise_bin_name",
     "propose",
     "select_transfer",
     "transfer_schedule",

@@ -15,23 +15,16 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .model_info import unwrap_parallel
+
 _CHECKED: ContextVar[bool] = ContextVar("nara_token_ids_checked", default=False)
-
-
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
 
 def model_vocab_size(model: nn.Module) -> Optional[int]:
     """The number of token ids ``model`` takes: the smaller of ``config.vocab_size`` and its input embedding's rows;
     None when it has neither (then nothing is checked). Data-parallel and ``torch.compile`` wrappers are looked
     through; PEFT and NaRA wrappers forward both."""
-    while True:
-        if type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            break
+    model = unwrap_parallel(model)
     sizes = []
     config_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(config_size, numbers.Integral) and not isinstance(config_size, bool) and config_size > 0:

@@ -1,7 +1,6 @@
 """Training machinery shared by the text and image backends."""
 
 from .adapters import ADAPTERS, attach_adapter
-from .checkpoint import write_atomically
 from .config import TrainConfig, load_config
 from .loop import LR_SCHEDULES, Trainer, TrainResult, build_accelerator, constant_after_warmup, linear_warmup_decay
 
@@ -16,5 +15,4 @@ __all__ = [
     "constant_after_warmup",
     "linear_warmup_decay",
     "load_config",
-    "write_atomically",
 ]

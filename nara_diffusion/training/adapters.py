@@ -1,4 +1,8 @@
-"""Which parameters a run trains: NaRA, NaRA-C, peft's own LoRA, or the whole model."""
+"""Which parameters a run trains: NaRA, NaRA-C, peft's own LoRA, or the whole model (the ``--adapter`` choice).
+
+Internal to the training scripts: it only picks among the kinds and calls ``nd.get_nara_model`` or
+``peft.get_peft_model``. Users attach with ``nd.get_nara_model`` / ``nd.inject_nara``.
+"""
 
 from __future__ import annotations
 

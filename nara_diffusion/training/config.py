@@ -1,4 +1,5 @@
-"""Training configuration: one dataclass, filled from a YAML file and ``--field value`` overrides."""
+"""Training configuration: dataclasses whose fields carry their own command-line help, filled from a YAML file and
+``--field value`` overrides by `load_config` (transformers' `HfArgumentParser` builds the parser from the fields)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -20,6 +21,8 @@ T = TypeVar("T")
 LR_SCHEDULE_NAMES = ("linear", "constant")
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16", "fp8")
 REPORT_TO = ("tensorboard", "none")
+#: The value of ``--resume_from_checkpoint`` that resumes from ``<output_dir>/state`` (besides true and that path).
+RESUME_LATEST = "latest"
 
 
 def check_int(name: str, value: Any, minimum: int = 0, *, optional: bool = False, hint: str = "") -> None:
@@ -92,34 +95,99 @@ def check_model_path(name: str, flag: str = "model", example: str = "GSAI-ML/LLa
     return name
 
 
+def describe(help: str, choices: Optional[Sequence[Any]] = None, aliases: Sequence[str] = ()) -> dict[str, Any]:
+    """Field metadata for the command line: ``--help`` shows ``help``, the default and ``choices``; ``aliases`` are
+    other accepted names (e.g. diffusers' spelling), on the command line and in YAML files. Use it as
+    ``field(default_factory=..., metadata=describe(...))`` where `option` cannot serve (mutable defaults).
+
+    The choices are shown, not enforced by the parser: ``validate()`` checks them and names the fix.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if aliases:
+        metadata["aliases"] = [f"--{name}" for name in aliases]
+    return metadata
+
+
+def option(default: Any, *, help: str, choices: Optional[Sequence[Any]] = None, aliases: Sequence[str] = ()) -> Any:
+    """A config field with an immutable ``default`` that documents itself (see `describe`)."""
+    return field(default=default, metadata=describe(help, choices, aliases))
+
+
+def retune(cls: type, name: str, default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """Field ``name`` of the base config ``cls`` with another default, keeping its help, choices and aliases."""
+    base = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field(default=default, default_factory=default_factory, metadata=base.metadata)
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, checkpointing and logging settings shared by every training script.
 
     Defaults are the NaRA authors' recipe (spec nara.md §5): AdamW (0.9, 0.95), weight decay 0.05, eps 1e-8,
-    grad-norm clip 1.0, 5% linear warm-up then linear decay to 0, validation every 64 updates.
+    grad-norm clip 1.0, 5% linear warm-up then linear decay to 0, validation every 64 updates. Fields that diffusers'
+    training scripts also have accept diffusers' names as aliases (``--max_train_steps`` for ``--max_steps``, ...).
     """
 
-    output_dir: str = "outputs/run"
-    seed: int = 1234
-    learning_rate: float = 1e-4
-    epochs: int = 1
-    max_steps: Optional[int] = None  # optimizer updates; overrides epochs when set
-    batch_size: int = 1  # per device, per micro-step
-    grad_accum: int = 32
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.05
-    lr_schedule: str = "linear"  # after the warm-up: "linear" decay to 0, or "constant"
-    eval_every: int = 64  # updates between validation losses and checkpoints; 0 disables
-    mixed_precision: Optional[str] = None  # "no" | "fp16" | "bf16"; None: what `accelerate config` says
-    gradient_checkpointing: bool = False
-    report_to: str = "tensorboard"  # "tensorboard" | "none"
-    resume: bool = False
-    num_workers: int = 0
+    output_dir: str = option(
+        "outputs/run", help="Folder of the run: best/ and final/ adapters, state/ for resuming, logs."
+    )
+    seed: int = option(1234, help="Seed of everything random (adapter init, data order, noise, dropout).")
+    learning_rate: float = option(1e-4, help="Peak learning rate of the adapter (AdamW).")
+    epochs: int = option(1, help="Passes over the training set (when --max_steps is unset).")
+    max_steps: Optional[int] = option(
+        None,
+        help="Optimizer updates in all; overrides --epochs when set (none: train for --epochs).",
+        aliases=["max_train_steps"],
+    )
+    batch_size: int = option(1, help="Examples per device per micro-step.", aliases=["train_batch_size"])
+    grad_accum: int = option(
+        32, help="Micro-steps accumulated per optimizer update.", aliases=["gradient_accumulation_steps"]
+    )
+    weight_decay: float = option(0.05, help="AdamW weight decay.", aliases=["adam_weight_decay"])
+    adam_beta1: float = option(0.9, help="AdamW beta1.")
+    adam_beta2: float = option(0.95, help="AdamW beta2.")
+    adam_eps: float = option(1e-8, help="AdamW epsilon.", aliases=["adam_epsilon"])
+    max_grad_norm: float = option(1.0, help="Gradient-norm clipping threshold (0 turns clipping off).")
+    warmup_ratio: float = option(0.05, help="Share of the updates spent warming the learning rate up linearly.")
+    lr_warmup_steps: Optional[int] = option(
+        None, help="Warm-up length in updates (diffusers' flag); overrides --warmup_ratio when set."
+    )
+    lr_schedule: str = option(
+        "linear",
+        help="Learning rate after the warm-up: linear decay to 0, or constant.",
+        choices=LR_SCHEDULE_NAMES,
+        aliases=["lr_scheduler"],
+    )
+    eval_every: int = option(
+        64,
+        help="Updates between checkpoints (and validation losses where there is a validation set); 0: none.",
+        aliases=["checkpointing_steps"],
+    )
+    checkpoints_total_limit: Optional[int] = option(
+        None,
+        help="Resumable states to keep (diffusers' flag). The trainer keeps exactly one, <output_dir>/state, "
+        "replaced at every checkpoint, besides best/ and final/; so any limit >= 1 holds already.",
+    )
+    mixed_precision: Optional[str] = option(
+        None, help="Mixed precision (none: what `accelerate config` says).", choices=(*MIXED_PRECISION_MODES, None)
+    )
+    gradient_checkpointing: bool = option(False, help="Recompute activations in the backward pass to save memory.")
+    report_to: str = option(
+        "tensorboard", help="Tracker for losses and images (log.jsonl is always written).", choices=REPORT_TO
+    )
+    resume: bool = option(
+        False,
+        help="Resume from <output_dir>/state: true or latest; false starts afresh; a PATH must be that state "
+        "folder (or the run folder that holds it), the one state the trainer keeps.",
+        aliases=["resume_from_checkpoint"],
+    )
+    num_workers: int = option(0, help="DataLoader worker processes.", aliases=["dataloader_num_workers"])
+    push_to_hub: bool = option(False, help="After training, upload final/ to the Hub repository --hub_model_id.")
+    hub_model_id: Optional[str] = option(
+        None, help="Hub repository (owner/name) for --push_to_hub (none: the output folder's name, under your user)."
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,16 +209,28 @@ class TrainConfig:
         check_float("adam_eps", self.adam_eps, 0.0)
         check_float("max_grad_norm", self.max_grad_norm, 0.0, hint=" (0 turns clipping off)")
         check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_int("lr_warmup_steps", self.lr_warmup_steps, 0, optional=True)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULE_NAMES)
         check_int("eval_every", self.eval_every, 0, hint=" (0 turns validation and checkpoints off)")
+        check_int("checkpoints_total_limit", self.checkpoints_total_limit, 1, optional=True)
         if self.mixed_precision is not None:
             check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_MODES)
         check_choice("report_to", self.report_to, REPORT_TO)
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"--resume must be true or false, got {self.resume!r}.")
         check_int("num_workers", self.num_workers, 0)
+        if self.hub_model_id is not None and not self.push_to_hub:
+            raise ValueError("--hub_model_id names where --push_to_hub uploads; pass --push_to_hub too.")
+
+    def warmup_fraction(self, total_updates: int) -> float:
+        """The warm-up as a share of ``total_updates``: ``lr_warmup_steps / total`` when set, else ``warmup_ratio``."""
+        if self.lr_warmup_steps is None:
+            return self.warmup_ratio
+        return min(1.0, self.lr_warmup_steps / max(1, total_updates))
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a YAML or command-line value to the field's declared type."""
+    """Convert a YAML or command-line value to the field's declared type (lists also from ``"a,b"``)."""
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):
@@ -160,11 +240,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return _coerce(value, args[0], name)
         return value
     if origin in (list, tuple, Sequence):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        items = [value] if isinstance(value, str) else list(value)
+        words = [w.strip() for v in items for w in v.split(",")] if all(isinstance(v, str) for v in items) else items
         inner = args[0] if args else str
-        items = [_coerce(v, inner, name) for v in value]
-        return tuple(items) if origin is tuple else items
+        coerced = [_coerce(v, inner, name) for v in words if not (isinstance(v, str) and v == "")]
+        return tuple(coerced) if origin is tuple else coerced
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -183,6 +263,67 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+def field_aliases(cls: type) -> dict[str, str]:
+    """``{alias: field}`` of every alias a config's fields declare (``option(aliases=...)``), without dashes."""
+    return {
+        alias.lstrip("-"): f.name for f in dataclasses.fields(cls) if f.init for alias in f.metadata.get("aliases", ())
+    }
+
+
+def _canonical(keys: Mapping[str, Any], cls: type, fields: Sequence[str], what: str, where: str = "") -> dict[str, Any]:
+    """``keys`` with aliases replaced by field names; unknown keys (or a field given twice) raise ValueError."""
+    aliases = field_aliases(cls)
+    out: dict[str, Any] = {}
+    bad = sorted(k for k in keys if k not in fields and k not in aliases)
+    if bad:
+        raise ValueError(f"Unknown {what} {bad}{where}; valid {what.split()[-1]}: {', '.join(sorted(fields))}.")
+    for key, value in keys.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise ValueError(f"{name} is given twice{where or ' in the ' + what} (as {name} and as an alias of it).")
+        out[name] = value
+    return out
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with defaults, wrapped at spaces only (Hub ids and paths stay whole)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+def _choice_text(choice: Any) -> str:
+    return "none" if choice is None else str(choice)
+
+
+def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
+    """The command-line parser of config dataclass ``cls``: ``--config`` plus one snake_case flag per field (and its
+    aliases), each with its help, default and choices, built by transformers' `HfArgumentParser`.
+
+    Values stay strings here (`load_config` converts them and ``validate()`` checks them, naming the fix), so the
+    choices are listed in the help text rather than enforced by argparse.
+    """
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+            if names and names[0].startswith("--"):  # a field: one spelling, snake_case (no --kebab-case twin)
+                names = tuple(n for n in names if "-" not in n[2:])
+                choices = kwargs.pop("choices", None)
+                if choices is not None:
+                    listed = ",".join(map(_choice_text, choices))
+                    kwargs["help"] = f"{kwargs.get('help', '')} Choices: {listed.replace(',', ', ')}."
+                    kwargs["metavar"] = "{" + listed + "}"
+                kwargs.pop("type", None)
+            return super().add_argument(*names, **kwargs)
+
+    parser = Parser(cls, description=description, allow_abbrev=False, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with any of these fields (the flags given here win).")
+    return parser
+
+
 def load_config(
     cls: type[T],
     argv: Optional[Sequence[str]] = None,
@@ -193,36 +334,52 @@ def load_config(
 
     ``defaults`` (field: value) replace the dataclass defaults, beneath the YAML file and the command line; a script
     uses them for an embedded default run. Unknown keys, in the YAML file, the command line or ``defaults``, are
-    rejected with the list of valid ones.
+    rejected with the list of valid ones. A field's aliases (diffusers' names) are accepted everywhere.
+    ``--resume_from_checkpoint`` takes ``latest``, ``true``/``false`` or the path of the run's state folder.
     """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
-    for name in fields:
-        # A bare boolean flag (``--with_prior_preservation``) means true, as with argparse's store_true.
-        flag = {"nargs": "?", "const": "true"} if hints[name] is bool else {}
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=name.upper(), **flag)
-    args, unknown = parser.parse_known_args(argv)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    parser = build_parser(cls, description)
+    values: dict[str, Any] = _canonical(dict(defaults or {}), cls, fields, "default fields")
+    config_path = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_path.add_argument("--config", type=Path, default=None)
+    path = config_path.parse_known_args(argv)[0].config
+    values.pop("config", None)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of field: value.")
+        values.update(_canonical(loaded, cls, fields, "keys", f" in {path}"))
+    given, unknown = parser.parse_known_args(argv, namespace=argparse.Namespace(**values))
     if unknown:
         parser.error(f"unknown arguments {unknown}; valid fields: {', '.join(sorted(fields))}")
-
-    values: dict[str, Any] = dict(defaults or {})
-    bad = sorted(set(values) - set(fields))
-    if bad:
-        raise ValueError(f"Unknown default fields {bad}; valid fields: {', '.join(sorted(fields))}.")
-    if args.config is not None:
-        if not args.config.is_file():
-            raise FileNotFoundError(f"Config file {args.config} does not exist.")
-        loaded = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config} must hold a mapping of field: value.")
-        bad = sorted(set(loaded) - set(fields))
-        if bad:
-            raise ValueError(f"Unknown keys {bad} in {args.config}; valid keys: {', '.join(sorted(fields))}.")
-        values.update(loaded)
-    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    values = {k: v for k, v in vars(given).items() if k in hints}
+    if "resume" in values:
+        values["resume"] = _resume_value(values["resume"], values.get("output_dir"), cls)
     return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+
+
+def _resume_value(value: Any, output_dir: Any, cls: type) -> Any:
+    """``--resume_from_checkpoint``: ``latest`` -> True; a path -> True when it is this run's state folder (or the
+    run folder), else FileNotFoundError/ValueError; anything else is left to the bool conversion."""
+    if not isinstance(value, str) or value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value
+    if value.lower() == RESUME_LATEST:
+        return True
+    output_dir = (
+        output_dir
+        if output_dir is not None
+        else next(f.default for f in dataclasses.fields(cls) if f.name == "output_dir")
+    )
+    path, run = Path(value).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    if path in (run, run / "state"):
+        return True
+    raise ValueError(
+        f"--resume_from_checkpoint {value}: this trainer keeps one resumable state per run, {run / 'state'}; pass "
+        f"latest (or that folder), or --output_dir {path.parent if path.name == 'state' else path} to resume that run."
+    )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -237,10 +394,15 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 __all__ = [
     "TrainConfig",
+    "build_parser",
     "check_choice",
     "check_float",
     "check_int",
     "check_model_path",
     "config_to_dict",
+    "describe",
+    "field_aliases",
     "load_config",
+    "option",
+    "retune",
 ]

@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .checkpoint import recover, write_atomically
+from ..core import folders
+from ..core.folders import recover, write_atomically
 from .config import TrainConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def has_started(output_dir: Path | str) -> bool:
     """Whether ``output_dir`` holds a run that a `Trainer` with ``resume=True`` continues (a checkpoint, complete or
     recoverable, or the log of a run stopped before its first checkpoint)."""
     output_dir = Path(output_dir)
-    _, new, old = checkpoint.siblings(output_dir / STATE_DIR)
+    _, new, old = folders.siblings(output_dir / STATE_DIR)
     return (output_dir / LOG_FILE).is_file() or any(p.is_dir() for p in (output_dir / STATE_DIR, new, old))
 
 
@@ -316,7 +316,8 @@ class Trainer:
         self.total_updates = config.max_steps or config.epochs * self.updates_per_epoch
         # Stepped by hand once per update; accelerate's wrapper would step once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LR_SCHEDULES[config.lr_schedule](self.total_updates, config.warmup_ratio)
+            self.optimizer,
+            LR_SCHEDULES[config.lr_schedule](self.total_updates, config.warmup_fraction(self.total_updates)),
         )
         self.global_step, self.batches_done, self.best_val_loss = 0, 0, None
         self._state_step: Optional[int] = None  # the update whose state is in state/
@@ -326,11 +327,11 @@ class Trainer:
         """Write the state files into ``folder`` (main process; DDP replicas hold the same optimizer state)."""
         acc = self.accelerator
         save_file(_trainable_state(acc.unwrap_model(self.model)), str(folder / TRAINABLE_FILE))
-        checkpoint._kill_point("state_writing", self.output_dir / STATE_DIR)
+        folders._kill_point("state_writing", self.output_dir / STATE_DIR)
         tensors, meta = optimizer_state_to_files(self.optimizer.state_dict())
         save_file(tensors, str(folder / OPTIMIZER_FILE))
         _write_json(folder / OPTIMIZER_META_FILE, meta)
-        checkpoint._kill_point("state_writing", self.output_dir / STATE_DIR)
+        folders._kill_point("state_writing", self.output_dir / STATE_DIR)
         sched = self.scheduler
         trainer_state = {
             "format": STATE_FORMAT,

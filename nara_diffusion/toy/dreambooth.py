@@ -3,7 +3,7 @@
 ``examples/sdxl_dreambooth/train.py`` with no model, config or instance folder runs `run_toy_dreambooth` with
 `toy_dreambooth_defaults`; ``benchmarks/quality_image.py`` runs the same function per adapter and seed::
 
-    from nara_diffusion.image.toy_dreambooth import run_toy_dreambooth, toy_dreambooth_defaults
+    from nara_diffusion.toy.dreambooth import run_toy_dreambooth, toy_dreambooth_defaults
     from nara_diffusion.image.dreambooth import DreamBoothConfig
     report = run_toy_dreambooth(DreamBoothConfig(**toy_dreambooth_defaults("toy/", "images/")))
     print(report.subject_before, report.subject_after)
@@ -20,9 +20,9 @@ from accelerate import PartialState
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .dreambooth import DreamBoothConfig, load_base_pipeline, run_dreambooth
-from .pretrain import generate
-from .toy import TOY_RESOLUTION, load_reference_images, prompt_fidelity, subject_similarity
+from ..image.dreambooth import DreamBoothConfig, load_base_pipeline, run_dreambooth
+from .image import TOY_RESOLUTION, load_reference_images, prompt_fidelity, subject_similarity
+from .image_pretrain import generate
 
 INSTANCE_PROMPT = "a photo of sks toy"
 CLASS_PROMPT = "a photo of a circle"  # the toy world's nearest class to a ball
@@ -37,7 +37,7 @@ def context_prompts(instance_prompt: str = INSTANCE_PROMPT) -> list[str]:
 
 EVAL_SEEDS = (0, 1, 2, 3)
 #: Fields whose presence on the command line means a real (non-toy) run.
-REAL_RUN_FLAGS = ("--model", "--config", "--instance_data_dir")
+REAL_RUN_FLAGS = ("--model", "--pretrained_model_name_or_path", "--config", "--instance_data_dir")
 
 
 def toy_dreambooth_defaults(pipeline_dir: Union[str, Path], images_dir: Union[str, Path]) -> dict[str, Any]:

@@ -1,10 +1,17 @@
-"""Checkpoint folders written atomically, and recovered after a kill at any point of a save.
+"""Adapter folders on disk: the file names (each defined once) and the one atomic folder writer of the package.
 
-A save of ``X`` writes every file into ``.X.tmp`` and syncs it, renames it ``.X.new`` (so a ``.X.new`` is always
-complete), moves the previous ``X`` aside to ``.X.old``, renames ``.X.new`` to ``X`` and deletes ``.X.old``. Every
-step is a rename or a deletion, so a kill anywhere leaves one of a few states, and `recover` (run at the start of
-every save and before a resume) turns each back into a plain ``X``: it finishes a swap whose new copy is complete,
-restores ``.X.old`` when ``X`` is missing, and deletes what is left (half-written ``.X.tmp``, half-deleted ``.X.old``).
+File names: a peft adapter folder (``model.save_pretrained``) holds `ADAPTER_CONFIG_NAME` + `ADAPTER_WEIGHTS_NAME`; a
+diffusers pipeline adapter folder (``pipe.save_nara_weights``) holds `PIPELINE_CONFIG_NAME` + `PIPELINE_WEIGHTS_NAME`;
+both carry a model card, `MODEL_CARD_NAME`. The NaRA authors' code writes `REFERENCE_WEIGHTS_NAME` (a pickle, only
+ever read by ``nd.convert_reference_checkpoint``).
+
+Writing: every folder the package writes (adapter folders, converted checkpoints, pipeline adapters, the trainer's
+``state/``, ``best/`` and ``final/``) goes through `write_atomically`. A save of ``X`` writes every file into
+``.X.tmp`` and syncs it, renames it ``.X.new`` (so a ``.X.new`` is always complete), moves the previous ``X`` aside to
+``.X.old``, renames ``.X.new`` to ``X`` and deletes ``.X.old``. Every step is a rename or a deletion, so a kill
+anywhere leaves one of a few states, and `recover` (run at the start of every save and before a resume) turns each
+back into a plain ``X``: it finishes a swap whose new copy is complete, restores ``.X.old`` when ``X`` is missing, and
+deletes what is left (half-written ``.X.tmp``, half-deleted ``.X.old``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,22 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from peft.utils import CONFIG_NAME as _PEFT_CONFIG_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as _PEFT_WEIGHTS_NAME
+
+#: The config of a peft adapter folder (``adapter_config.json``, peft's name).
+ADAPTER_CONFIG_NAME: str = _PEFT_CONFIG_NAME
+#: The weights of a peft adapter folder (``adapter_model.safetensors``, peft's name).
+ADAPTER_WEIGHTS_NAME: str = _PEFT_WEIGHTS_NAME
+#: The pickled weights the NaRA authors' code writes; read only by the converter, with ``weights_only=True``.
+REFERENCE_WEIGHTS_NAME = "adapter_model.bin"
+#: The config of a diffusers pipeline adapter folder (per-component `NaRAConfig`s).
+PIPELINE_CONFIG_NAME = "nara_config.json"
+#: The weights of a diffusers pipeline adapter folder (keys prefixed by component, like diffusers' LoRA file).
+PIPELINE_WEIGHTS_NAME = "nara_weights.safetensors"
+#: The model card of every adapter folder.
+MODEL_CARD_NAME = "README.md"
 
 _SUFFIXES = ("tmp", "new", "old")
 

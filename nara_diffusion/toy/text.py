@@ -29,8 +29,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from .evaluation import GenerationEval, evaluate_generation
-from .llada import LLaDAConfig
+from ..text.llada import LLaDAConfig
+from ..text.scoring import GenerationEval, evaluate_generation
 
 SPECIAL_TOKENS = [
     "<|startoftext|>",
@@ -217,7 +217,7 @@ def model_card(report: dict[str, Any]) -> str:
     return f"""# Toy LLaDA
 
 A small `LLaDAModelLM` (nara-diffusion's native LLaDA) with a character-level chat tokenizer, pretrained from
-scratch with the masked-diffusion objective on generated arithmetic (`nara_diffusion.text.toy`: addition and
+scratch with the masked-diffusion objective on generated arithmetic (`nara_diffusion.toy.text`: addition and
 subtraction of two-digit numbers, one-step word problems). It exists so that fine-tuning, sampling and the quality
 benchmark run anywhere; real runs use `GSAI-ML/LLaDA-8B-Instruct`.
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data import list_images, open_rgb
+from ..image.data import list_images, open_rgb
 
 TOY_RESOLUTION = 32
 #: The six colours of the toy world (RGB).

@@ -1,4 +1,4 @@
-"""A small SDXL-architecture pipeline, pretrained from scratch on the toy scenes of `nara_diffusion.image.toy`.
+"""A small SDXL-architecture pipeline, pretrained from scratch on the toy scenes of `nara_diffusion.toy.image`.
 
 Only diffusers' and transformers' own classes: a ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``
 (SDXL's micro-conditioning and pooled text embedding), an ``AutoencoderKL``, ``CLIPTextModel`` +
@@ -35,8 +35,8 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .dreambooth import encode_tokens, tokenize
-from .toy import PALETTE, SHAPES, TOY_RESOLUTION, TOY_WORDS, classify_scene, codec_image, draw_scene, random_scene
+from ..image.dreambooth import encode_tokens, tokenize
+from .image import PALETTE, SHAPES, TOY_RESOLUTION, TOY_WORDS, classify_scene, codec_image, draw_scene, random_scene
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def scene_prompts() -> list[str]:
 def scene_accuracy(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], seeds: Sequence[int], **kw) -> dict:
     """Generate each prompt with each seed and read it back (`classify_scene`): accuracy of background colour,
     shape colour and shape, in [0, 1]."""
-    from .toy import named_colours
+    from .image import named_colours
 
     images = generate(pipe, prompts, seeds, **kw)
     hits = np.zeros(3)
