@@ -541,6 +541,13 @@ def quiet_peft_wrapping() -> Iterator[None]:
 _INPLACE_TUNER = "_nara_tuner"
 
 
+def inplace_tuner(model: nn.Module) -> Optional[NaRAModel]:
+    """The tuner of a model adapted in place with `inject_nara`, or None. (It lives in the model's ``__dict__``, not
+    as a submodule, so that the model's parameters and state dict do not list it twice.)"""
+    tuner = model.__dict__.get(_INPLACE_TUNER)
+    return tuner if isinstance(tuner, NaRAModel) else None
+
+
 def inject_nara(
     model: nn.Module,
     config: NaRAConfig,
@@ -608,8 +615,8 @@ def find_nara_tuner(model: nn.Module) -> NaRAModel:
     tuner = getattr(model, "base_model", None)
     if isinstance(tuner, NaRAModel):
         return tuner
-    tuner = model.__dict__.get(_INPLACE_TUNER)
-    if isinstance(tuner, NaRAModel):
+    tuner = inplace_tuner(model)
+    if tuner is not None:
         return tuner
     raise TypeError(
         f"{type(model).__name__} carries no NaRA adapter; create one with nd.get_nara_model(model, config) "

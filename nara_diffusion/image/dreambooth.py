@@ -40,11 +40,12 @@ from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 from torch import nn
 
-from ..core import NaRAConfig, noise_level
+from ..core import noise_level
 from ..core.folders import PIPELINE_WEIGHTS_NAME
 from ..core.model_card import hub_base_model
 from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import TrainConfig, Trainer, TrainResult, build_accelerator
+from ..training.adapters import adapter_config
 from ..training.config import check_float, check_int, check_model_path, config_to_dict, describe, option, retune
 from ..training.hub import push_folder_to_hub
 from .data import DreamBoothDataset, check_resolution, collate_dreambooth, list_images
@@ -422,30 +423,18 @@ class DreamBoothModel(nn.Module):
 # -- adapters -----------------------------------------------------------------------------------------------
 def attach_adapters(config: DreamBoothConfig, unet: nn.Module, text_encoders: list[nn.Module], scheduler: Any) -> None:
     """Attach ``config.adapter`` to the UNet (and to ``text_encoders``, the ones to train); freeze the rest."""
-    if config.adapter == "lora":
-        from peft import LoraConfig
-
-        def lora(targets: list[str]) -> LoraConfig:
-            return LoraConfig(
-                r=config.r,
-                lora_alpha=config.scaling * config.r,
-                lora_dropout=config.lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=targets,
-            )
-
-        unet.requires_grad_(False).add_adapter(lora(config.target_modules))
+    branch = {"r": config.r, "lora_dropout": config.lora_dropout, "scaling": config.scaling}
+    if config.adapter == "lora":  # diffusers' DreamBooth-LoRA scripts initialise A with a Gaussian
+        unet.requires_grad_(False).add_adapter(
+            adapter_config("lora", target_modules=config.target_modules, init_lora_weights="gaussian", **branch)
+        )
         for encoder in text_encoders:
-            encoder.requires_grad_(False).add_adapter(lora(config.text_encoder_target_modules))
+            lora = adapter_config(
+                "lora", target_modules=config.text_encoder_target_modules, init_lora_weights="gaussian", **branch
+            )
+            encoder.requires_grad_(False).add_adapter(lora)
         return
-    nara = NaRAConfig(
-        r=config.r,
-        target_modules=config.target_modules,
-        core_scale=config.core_scale,
-        lora_dropout=config.lora_dropout,
-        scaling=config.scaling,
-        core="constant" if config.adapter == "nara-c" else "noise",
-    )
+    nara = adapter_config(config.adapter, target_modules=config.target_modules, core_scale=config.core_scale, **branch)
     inject_nara(unet, nara, scheduler=scheduler)
     for encoder in text_encoders:
         inject_nara(

@@ -49,8 +49,9 @@ from ..core.serialization import (
     fit_problems,
     read_tensor_file,
 )
+from ..core.tuner import inplace_tuner
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
-from .unet import TimestepMap, adapter_names, inject_nara, nara_tuner, needs_noise_level
+from .unet import TimestepMap, adapter_names, inject_nara, needs_noise_level
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def nara_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dic
     Returns:
         ``{"<module>.nara_A.weight": [r, d_in], "<module>.nara_B.weight": [d_out, r], "nara_hypernet.<…>": …}``.
     """
-    tuner = nara_tuner(model)
+    tuner = inplace_tuner(model)
     if tuner is None:
         raise ValueError(f"{type(model).__name__} carries no NaRA adapter (attach one with nd.image.inject_nara).")
     name = adapter_name or tuner.active_adapters[0]
@@ -138,7 +139,7 @@ def save_nara_weights(
     configs: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
     saved: dict[str, NaRAConfig] = {}
     for prefix, model in parts.items():
-        tuner = nara_tuner(model)
+        tuner = inplace_tuner(model)
         if tuner is None:
             raise ValueError(f"{prefix} carries no NaRA adapter; attach one with nd.image.inject_nara first.")
         name = adapter_name or tuner.active_adapters[0]
@@ -399,7 +400,7 @@ class NaRALoaderMixin:
                 raise NaRALoadError(f"The {component} adapter reads λ = t/T; it takes no timestep_to_noise_level.")
             check_fits(models[component], config, parts[component], component)
         reads_unet = [c for c in parts if c != "unet" and configs[c].needs_noise_level]
-        if reads_unet and "unet" not in parts and nara_tuner(models["unet"]) is None:
+        if reads_unet and "unet" not in parts and inplace_tuner(models["unet"]) is None:
             raise NaRALoadError(
                 f"The {' and '.join(reads_unet)} adapter is conditioned on the noise level, which the pipeline reads "
                 "from the timestep of a NaRA UNet; this adapter has no UNet part and the pipeline's UNet carries no "
@@ -418,12 +419,12 @@ class NaRALoaderMixin:
             )
         touched = [models[c] for c in parts]
         # all or nothing: a failure in any component restores every component (and its tuner) exactly
-        with attach_transaction(*touched, *(nara_tuner(m) for m in touched)):
+        with attach_transaction(*touched, *(inplace_tuner(m) for m in touched)):
             for component in parts:
                 model, config = models[component], dataclasses.replace(configs[component], inference_mode=True)
                 inject_nara(model, config, name, timestep_to_noise_level=timestep_to_noise_level)
                 _load_tensors(model, parts[component], name)
-                nara_tuner(model).set_adapter(name, inference_mode=True)
+                inplace_tuner(model).set_adapter(name, inference_mode=True)
             self._sync_prompt_encoding()
 
     @_pipeline_or_class_method
@@ -448,7 +449,7 @@ class NaRALoaderMixin:
         given = (unet, text_encoder, text_encoder_2)
         if isinstance(self_or_cls, NaRALoaderMixin):
             if all(m is None for m in given):
-                carried = {n: m for n, m in self_or_cls._nara_components().items() if nara_tuner(m) is not None}
+                carried = {n: m for n, m in self_or_cls._nara_components().items() if inplace_tuner(m) is not None}
                 given = tuple(carried.get(n) for n in COMPONENTS)
             # the name the pipeline was loaded under, traced to a Hub id (never written as a local path)
             base_model = hub_base_model(base_model, config_name_or_path(self_or_cls))
@@ -465,7 +466,7 @@ class NaRALoaderMixin:
         """Remove every NaRA adapter from the pipeline: its modules compute exactly what they did before."""
         disable_per_step_prompt_encoding(self)
         for model in self._nara_components().values():
-            if nara_tuner(model) is not None:
+            if inplace_tuner(model) is not None:
                 remove_nara(model)
 
     def set_nara_scale(self, scale: float) -> None:
@@ -482,7 +483,7 @@ class NaRALoaderMixin:
         found = False
         for model in self._nara_components().values():
             if adapter_name in adapter_names(model):
-                nara_tuner(model).set_adapter(adapter_name, inference_mode=True)
+                inplace_tuner(model).set_adapter(adapter_name, inference_mode=True)
                 found = True
         if not found:
             raise KeyError(f"No NaRA adapter named {adapter_name!r}; loaded: {self.get_nara_adapters()}.")

@@ -24,7 +24,8 @@ from torch import nn
 
 from .._compat import restore_method, shadow_method
 from ..core import noise_level
-from .unet import TimestepReader, nara_tuner, needs_noise_level, unet_reader
+from ..core.tuner import inplace_tuner
+from .unet import TimestepReader, needs_noise_level, unet_reader
 
 _ATTR = "_nara_prompt_encoding"
 
@@ -96,7 +97,7 @@ class PerStepPromptEncoding:
 
     def _highest_noise(self) -> float:
         """λ = 1 in the units the text encoders' adapters take (t = T, or λ itself under a custom map)."""
-        tuner = nara_tuner(self.text_encoders()[0])
+        tuner = inplace_tuner(self.text_encoders()[0])
         config = tuner.peft_config[tuner.active_adapters[0]]
         return float(config.num_train_timesteps) if config.noise_input == "timestep" else 1.0
 

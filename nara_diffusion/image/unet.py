@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core import NaRAConfig, NoiseLevelError
 from ..core import inject_nara as _core_inject_nara
-from ..core.tuner import _INPLACE_TUNER, NaRAModel
+from ..core.tuner import inplace_tuner
 
 #: diffusers' own LoRA targets on a UNet: the projections of every attention block.
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -35,12 +35,6 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 #: Maps the ``timestep`` a UNet receives (a ``[B]`` or 0-d tensor) to λ ∈ [0, 1], e.g. for flow-matching sigmas.
 TimestepMap = Callable[[torch.Tensor], torch.Tensor]
-
-
-def nara_tuner(model: nn.Module) -> Optional[NaRAModel]:
-    """The in-place NaRA tuner of ``model`` (attached with ``nd.image.inject_nara`` / ``nd.inject_nara``), or None."""
-    tuner = model.__dict__.get(_INPLACE_TUNER)
-    return tuner if isinstance(tuner, NaRAModel) else None
 
 
 def takes_timestep(model: nn.Module) -> bool:
@@ -84,7 +78,7 @@ class TimestepReader:
 
 def unet_reader(unet: nn.Module) -> TimestepReader:
     """The `TimestepReader` that conditions ``unet`` (attached by `inject_nara`)."""
-    tuner = nara_tuner(unet)
+    tuner = inplace_tuner(unet)
     reader = getattr(tuner, "noise_level_fn", None)
     if not isinstance(reader, TimestepReader):
         raise ValueError("This UNet carries no NaRA adapter attached with nd.image.inject_nara.")
@@ -168,7 +162,7 @@ def inject_nara(
         timestep_to_noise_level=timestep_to_noise_level,
     )
     if takes_timestep(model):
-        tuner = nara_tuner(model)
+        tuner = inplace_tuner(model)
         previous = getattr(tuner, "noise_level_fn", None)
         if isinstance(previous, TimestepReader) and (previous.timestep_to_noise_level is not timestep_to_noise_level):
             raise ValueError(
@@ -182,13 +176,13 @@ def inject_nara(
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the NaRA adapters ``model`` carries (empty when none)."""
-    tuner = nara_tuner(model)
+    tuner = inplace_tuner(model)
     return [] if tuner is None else list(tuner.nara_hypernet)
 
 
 def needs_noise_level(model: nn.Module) -> bool:
     """Whether an active NaRA adapter of ``model`` is conditioned on λ (core ``"noise"``)."""
-    tuner = nara_tuner(model)
+    tuner = inplace_tuner(model)
     if tuner is None:
         return False
     return any(tuner.nara_hypernet[n].needs_noise_level for n in tuner.active_adapters if n in tuner.nara_hypernet)
