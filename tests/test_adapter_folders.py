@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TinyNet, perturb_, perturb_nara_, tiny_sdxl_pipeline
-from test_serialization import _reference_folder
+from builders import TinyNet, perturb_, perturb_nara_, reference_folder, tiny_sdxl_pipeline
 
 import nara_diffusion as nd
 from nara_diffusion.core import folders
@@ -44,7 +43,7 @@ def test_file_names_are_defined_once_and_say_which_folder_they_belong_to():
 
 @pytest.mark.parametrize("point", ["tmp_written", "new_complete", "old_renamed", "new_renamed", "removing"])
 def test_a_kill_while_converting_over_an_old_folder_loses_neither_copy(tmp_path, monkeypatch, point):
-    _reference_folder(tmp_path / "theirs")
+    reference_folder(tmp_path / "theirs")
     ours = tmp_path / "ours"
     nd.convert_reference_checkpoint(tmp_path / "theirs", ours)
     before = {p.name: p.read_bytes() for p in ours.iterdir()}

@@ -7,7 +7,8 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import TinyNet, f32_tol, perturb_, reference_core, reference_lowrank, tiny_llama
+from builders import TinyNet, perturb_, tiny_llama
+from reference import f32_tol, reference_core, reference_lowrank
 
 import nara_diffusion as nd
 

@@ -4,14 +4,13 @@ checkpoint limits as users know them, ``--push_to_hub`` (up to the upload call; 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-import torch
+from builders import example_module
 
 from nara_diffusion.image.dreambooth import DreamBoothConfig
 from nara_diffusion.text.finetune import FinetuneConfig
@@ -23,16 +22,9 @@ SDXL = ROOT / "examples" / "sdxl_dreambooth"
 LLADA = ROOT / "examples" / "llada"
 
 
-def _script(path: Path):
+def _script(path: Path) -> ModuleType:
     """Import an example script by path (the examples are not a package; evaluate.py imports generate.py)."""
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(f"cli_example_{path.parent.name}_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    return example_module(path, f"cli_example_{path.parent.name}_{path.stem}")
 
 
 def _help_blocks(text: str) -> dict[str, str]:
@@ -137,7 +129,7 @@ def test_diffusers_names_mean_our_fields(tmp_path):
         )
 
 
-def test_a_diffusers_command_trains_resumes_and_pushes(tmp_path, monkeypatch):
+def test_a_diffusers_command_trains_resumes_and_pushes(tmp_path, monkeypatch, one_thread):
     import huggingface_hub
 
     uploads: list[dict] = []
@@ -151,7 +143,6 @@ def test_a_diffusers_command_trains_resumes_and_pushes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    torch.set_num_threads(1)
     train = _script(SDXL / "train.py")
     train.main(_diffusers_command(tmp_path, max_train_steps="2"))
     run = tmp_path / "run"
@@ -181,7 +172,7 @@ def test_lora_dreambooth_final_folder_gets_a_card(tmp_path):
     assert "load_lora_weights" in text and "- steps: 7" in text and "5 instance images" in text
 
 
-def test_text_run_writes_scores_to_the_card_and_pushes_no_local_path(tmp_path, monkeypatch):
+def test_text_run_writes_scores_to_the_card_and_pushes_no_local_path(tmp_path, monkeypatch, one_thread):
     from nara_diffusion.training import hub
 
     pushed: list[tuple] = []
@@ -192,7 +183,6 @@ def test_text_run_writes_scores_to_the_card_and_pushes_no_local_path(tmp_path, m
         return repo_id
 
     monkeypatch.setattr("nara_diffusion.text.finetune.push_folder_to_hub", push)
-    torch.set_num_threads(1)
     finetune = _script(LLADA / "finetune.py")
     data = LLADA / "data"
     finetune.main(

@@ -8,7 +8,7 @@ import json
 import diffusers
 import pytest
 import torch
-from conftest import generate, tiny_sd_pipeline, tiny_sdxl_pipeline
+from builders import generate, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from torch import nn
 from torch.utils.checkpoint import checkpoint

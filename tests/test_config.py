@@ -64,7 +64,7 @@ def test_invalid_configs_raise_value_errors_naming_the_field(kwargs, match):
 
 
 def test_target_modules_that_match_nothing_raise_and_leave_the_model_alone():
-    from conftest import TinyNet
+    from builders import TinyNet
 
     net = TinyNet()
     with pytest.raises(ValueError, match="not found in the base model"):

@@ -8,7 +8,7 @@ import math
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
+from builders import tiny_llama
 
 import nara_diffusion as nd
 from nara_diffusion.selection import GatedAdapters, discretize, restrict_to, search, select_with_diffora

@@ -3,7 +3,6 @@ generate.py / evaluate.py examples on a tiny LLaDA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,12 +15,11 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import f32_tol, perturb_
-from test_sampler import EOS, MASK, _noise_bins, computed, tiny_llada
+from builders import MASK, make_tiny_base, noise_bins, perturb_, profile_data, tiny_llada, tiny_llada_config
+from reference import computed, f32_tol
 from torch import nn
 
 import nara_diffusion as nd
-from nara_diffusion.text.data import SFTDataset
 from nara_diffusion.text.likelihood import mc_loglikelihood, stratified_mask_counts
 from nara_diffusion.text.loading import load_adapter, load_for_inference
 from nara_diffusion.text.noise_bins import noise_bin_count
@@ -112,15 +110,8 @@ class AnswerModel(nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def _char_tokenizer():
-    spec = importlib.util.spec_from_file_location("make_tiny_base", EXAMPLES / "make_tiny_base.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_generation_scores_each_record(tmp_path):
-    tok = _char_tokenizer().char_tokenizer()
+    tok = make_tiny_base().char_tokenizer()
     model = AnswerModel(tok.encode("The answer is 4."), gen_length=24, vocab=len(tok))
     model.config.mask_token_id, model.config.eos_token_id = tok.mask_token_id, tok.eos_token_id
     records = [
@@ -178,13 +169,8 @@ def test_mc_loglikelihood_gives_nara_the_sample_mask_ratio():
 
 
 # -- noise profile --------------------------------------------------------------------------------------------------
-def _profile_data() -> SFTDataset:
-    sequences = [[5, 6, 7, 8, 9, EOS], [10, 11, 12, 13, EOS], [14, 15, 16, 17, 18, 2, EOS]]
-    return SFTDataset(sequences, [2, 3, 2], max_length=10, eos_token_id=EOS)
-
-
 def test_noise_profile_uses_the_same_masks_for_every_model_and_gives_nara_t():
-    data, ts = _profile_data(), [0.25, 0.5, 1.0]
+    data, ts = profile_data(), [0.25, 0.5, 1.0]
     base = tiny_llada(seed=6)
     base_inputs = []
     handle = base.register_forward_pre_hook(lambda m, a, kw: base_inputs.append(a[0].clone()), with_kwargs=True)
@@ -216,10 +202,10 @@ def test_noise_profile_uses_the_same_masks_for_every_model_and_gives_nara_t():
 
 
 def test_noise_profile_of_a_noise_bin_set_uses_the_bin_of_t(tmp_path):
-    model = _noise_bins(tiny_llada(), [1, 2])
+    model = noise_bins(tiny_llada(), [1, 2])
     active = []
     model.get_base_model().register_forward_pre_hook(lambda m, a: active.append(model.active_adapter))
-    noise_profile(model, _profile_data(), [0.25, 0.5, 0.75, 1.0], batch_size=3)
+    noise_profile(model, profile_data(), [0.25, 0.5, 0.75, 1.0], batch_size=3)
     assert active == ["noise_bin_1", "noise_bin_1", "noise_bin_2", "noise_bin_2"]
     path = plot_noise_profiles([0.25, 0.5], {"base": [2.0, 1.0], "lora": [1.9, 0.8]}, tmp_path / "p.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
@@ -230,22 +216,8 @@ def test_noise_profile_of_a_noise_bin_set_uses_the_bin_of_t(tmp_path):
 def saved(tmp_path_factory) -> SimpleNamespace:
     """A tiny LLaDA with the char tokenizer, a NaRA adapter, a LoRA adapter and a noise-bin set, on disk."""
     root = tmp_path_factory.mktemp("saved")
-    make = _char_tokenizer()
-    tok = make.char_tokenizer()
-    config = nd.text.LLaDAConfig(
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        n_layers=2,
-        mlp_hidden_size=64,
-        vocab_size=len(tok),
-        embedding_size=len(tok),
-        max_sequence_length=256,
-        rope_theta=10000.0,
-        mask_token_id=tok.mask_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    tok = make_tiny_base().char_tokenizer()
+    config = tiny_llada_config(tok, max_sequence_length=256)
     torch.manual_seed(0)
     nd.text.LLaDAModelLM(config).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -295,6 +267,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_example_runs_on_cpu(saved):
     done = _run(
         [
@@ -306,6 +279,7 @@ def test_generate_example_runs_on_cpu(saved):
     assert ">>> What is 1 + 1?" in done.stdout and ">>> Hi" in done.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_example_prints_accuracy_and_writes_predictions(saved, tmp_path):
     done = _run(
         [
@@ -320,6 +294,7 @@ def test_evaluate_example_prints_accuracy_and_writes_predictions(saved, tmp_path
     assert len(rows) == 3 and {"prompt", "gold", "prediction", "extracted", "correct"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_evaluate_example_draws_the_noise_profile(saved, tmp_path):
     done = _run(
         [

@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
-from conftest import free_port
+from builders import example_module, failure_of, free_port, make_tiny_base
 
 import nara_diffusion as nd
 
@@ -29,10 +30,18 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
+    """``python examples/llada/make_tiny_base.py <folder>``, run in this process."""
     out = tmp_path_factory.mktemp("tiny-llada")
-    done = _run([sys.executable, str(EXAMPLES / "make_tiny_base.py"), str(out)])
-    assert done.returncode == 0, done.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["make_tiny_base.py", str(out)])
+        make_tiny_base().main()
     return out
+
+
+@pytest.fixture(scope="module")
+def finetune_script() -> ModuleType:
+    """examples/llada/finetune.py as a module, for command lines checked in this process."""
+    return example_module(EXAMPLES / "finetune.py", "llada_example_finetune")
 
 
 def _finetune(tiny_base: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -45,6 +54,7 @@ def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_writes_a_loadable_adapter(tiny_base, tmp_path):
     done = _finetune(tiny_base, tmp_path, "--max_steps", "6", "--eval_every", "3", *SMALL)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,6 +67,7 @@ def test_finetune_end_to_end_writes_a_loadable_adapter(tiny_base, tmp_path):
     assert (tmp_path / "final" / "tokenizer.json").is_file()  # the tokenizer travels with the adapter
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_ends_with_identical_adapters(tiny_base, tmp_path):
     # accelerate runs CPU data parallelism (gloo) through its torchrun launcher with ACCELERATE_USE_CPU set
     done = _run(
@@ -105,10 +116,9 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_adapters(tiny_base, tmp_pa
         (["--adapter", "dora"], "adapter must be one of"),
     ],
 )
-def test_bad_input_is_named(tiny_base, tmp_path, extra, message):
+def test_bad_input_is_named(tiny_base, finetune_script, tmp_path, extra, message):
     args = ["--model", str(tiny_base), "--dataset", str(DATA), "--output_dir", str(tmp_path), *extra]
-    done = _run([sys.executable, str(EXAMPLES / "finetune.py"), *args])
-    assert done.returncode != 0 and message in done.stderr
+    assert message in failure_of(finetune_script.main, args)
 
 
 def test_a_model_without_mask_token_is_rejected(tmp_path):
@@ -124,6 +134,7 @@ def test_a_model_without_mask_token_is_rejected(tmp_path):
         nd.text.load_base_model(str(folder))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
@@ -140,7 +151,8 @@ def test_lift_and_gift_objectives_run_end_to_end(tiny_base, tmp_path, extra):
     assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
 
 
-def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, tmp_path):
+@pytest.mark.slow
+def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, finetune_script, tmp_path):
     done = _finetune(
         tiny_base,
         tmp_path,
@@ -166,5 +178,7 @@ def test_diffora_selection_end_to_end_reloads_with_load_nara_model(tiny_base, tm
         n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, nd.core.NaRALinear)
     )
     assert adapted == sorted(dam["kept"])
-    bad = _finetune(tiny_base, tmp_path / "bad", "--select", "diffora", "--sample_rate", "1.5")
-    assert bad.returncode != 0 and "sample_rate must be in (0, 1]" in bad.stderr
+    bad = ["--model", str(tiny_base), "--dataset", str(DATA), "--output_dir", str(tmp_path / "bad")]
+    assert "sample_rate must be in (0, 1]" in failure_of(
+        finetune_script.main, [*bad, "--select", "diffora", "--sample_rate", "1.5"]
+    )

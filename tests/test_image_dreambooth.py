@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import SDXL_EXAMPLE, generate, tiny_sd_pipeline, tiny_sdxl_pipeline
+from builders import SDXL_EXAMPLE, generate, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 

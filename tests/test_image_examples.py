@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from builders import example_module, failure_of, free_port
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +28,15 @@ def _run(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory) -> Path:
+    """What ``python examples/sdxl_dreambooth/make_tiny_pipeline.py <folder>`` writes, built in this process."""
     out = tmp_path_factory.mktemp("tiny-sdxl")
-    _run([sys.executable, EXAMPLE / "make_tiny_pipeline.py", out])
+    make = example_module(EXAMPLE / "make_tiny_pipeline.py", "sdxl_example_make_tiny_pipeline")
+    make.build_pipeline(0).save_pretrained(out)
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     return out
 
 
+@pytest.mark.slow
 def test_train_then_infer_on_the_five_images(tiny_pipeline, tmp_path):
     run = tmp_path / "run"
     done = _run(
@@ -55,6 +58,7 @@ def test_train_then_infer_on_the_five_images(tiny_pipeline, tmp_path):
     assert Image.open(out / "images.png").size == (3 * 64, 64)
 
 
+@pytest.mark.slow
 def test_data_parallel_on_two_cpu_processes_with_prior_preservation(tiny_pipeline, tmp_path):
     run = tmp_path / "run"
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
@@ -75,6 +79,7 @@ def test_data_parallel_on_two_cpu_processes_with_prior_preservation(tiny_pipelin
     assert (run / "final" / "nara_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_diffora_selection_through_train_py_reloads_into_a_stock_pipeline(tiny_pipeline, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -94,10 +99,11 @@ def test_diffora_selection_through_train_py_reloads_into_a_stock_pipeline(tiny_p
     assert adapted == sorted(dam["kept"])
 
 
-def test_text_objectives_are_rejected_for_images(tiny_pipeline, tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLE / "train.py"), "--model", str(tiny_pipeline), "--instance_data_dir",
-         str(EXAMPLE / "images"), "--instance_prompt", "x", "--objective", "lift"],
-        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+def test_text_objectives_are_rejected_for_images(tiny_pipeline):
+    train = example_module(EXAMPLE / "train.py", "sdxl_example_train")
+    message = failure_of(
+        train.main,
+        ["--model", str(tiny_pipeline), "--instance_data_dir", str(EXAMPLE / "images"), "--instance_prompt", "x",
+         "--objective", "lift"],
     )  # fmt: skip
-    assert done.returncode != 0 and "--objective" in done.stderr and "valid fields" in done.stderr
+    assert "--objective" in message and "valid fields" in message

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import generate, perturb_nara_, tiny_sd_pipeline, tiny_sdxl_pipeline
+from builders import generate, perturb_nara_, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import f32_tol, generate, perturb_, tiny_sd_pipeline, tiny_sdxl_pipeline
+from builders import generate, perturb_, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor
+from reference import f32_tol
 
 import nara_diffusion as nd
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyNet, perturb_
+from builders import TinyNet, perturb_
 
 import nara_diffusion as nd
 

@@ -9,7 +9,8 @@ import math
 import peft
 import pytest
 import torch
-from conftest import f32_tol
+from builders import tiny_llada_config
+from reference import f32_tol
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
@@ -81,7 +82,7 @@ def tiny_config(**overrides) -> LLaDAConfig:
         max_sequence_length=64, rope_theta=10000.0, mask_token_id=120, eos_token_id=1, pad_token_id=1,
     )  # fmt: skip
     fields.update(overrides)
-    return LLaDAConfig(**fields)
+    return tiny_llada_config(**fields)
 
 
 def tiny_model(seed: int = 0, scale: float = 0.25, **overrides) -> LLaDAModelLM:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_
+from builders import make_tiny_base, perturb_, tiny_llada_config
 
 import nara_diffusion as nd
 
@@ -31,24 +30,8 @@ RECORDS = [
 def tiny(tmp_path_factory) -> Path:
     """A tiny LLaDA with the character tokenizer of make_tiny_base.py, a NaRA adapter on it, and the task data."""
     root = tmp_path_factory.mktemp("lm-eval")
-    spec = importlib.util.spec_from_file_location("make_tiny_base", ROOT / "examples" / "llada" / "make_tiny_base.py")
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    tok = make.char_tokenizer()
-    config = nd.text.LLaDAConfig(
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        n_layers=2,
-        mlp_hidden_size=64,
-        vocab_size=len(tok),
-        embedding_size=len(tok),
-        max_sequence_length=128,
-        rope_theta=10000.0,
-        mask_token_id=tok.mask_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    tok = make_tiny_base().char_tokenizer()
+    config = tiny_llada_config(tok, max_sequence_length=128)
     torch.manual_seed(0)
     nd.text.LLaDAModelLM(config).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -85,6 +68,7 @@ def _tasks(data: Path) -> list[dict]:
     return [generation, choice]
 
 
+@pytest.mark.slow
 def test_simple_evaluate_runs_generation_and_likelihood_tasks(tiny, monkeypatch):
     from lm_eval.tasks import TaskManager
 
@@ -141,6 +125,7 @@ def test_the_model_loads_the_adapter_and_refuses_unknown_arguments(tiny):
         lm.loglikelihood_rolling([])
 
 
+@pytest.mark.slow
 def test_importing_nara_diffusion_does_not_import_lm_eval():
     code = "import sys, nara_diffusion; assert 'lm_eval' not in sys.modules and 'matplotlib' not in sys.modules"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import yaml
-from conftest import perturb_, perturb_nara_, tiny_llama, tiny_sdxl_pipeline
+from builders import perturb_, perturb_nara_, tiny_llama, tiny_sdxl_pipeline
 from transformers import LlamaForCausalLM
 
 import nara_diffusion as nd

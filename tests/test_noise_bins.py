@@ -7,10 +7,9 @@ import math
 from fractions import Fraction
 
 import torch
+from builders import noise_bins, profile_data, tiny_llada
 from hypothesis import given
 from hypothesis import strategies as st
-from test_evaluation import _profile_data
-from test_sampler import _noise_bins, tiny_llada
 
 from nara_diffusion.text.noise_bins import noise_bin, noise_bin_of_level
 from nara_diffusion.text.noise_profile import noise_profile
@@ -75,14 +74,14 @@ def test_the_old_float_rule_picks_the_bin_above_for_a_float32_level():
 
 
 def test_the_noise_profile_uses_the_one_bin_rule():
-    model = _noise_bins(tiny_llada(), [1, 2, 3, 4, 5])
+    model = noise_bins(tiny_llada(), [1, 2, 3, 4, 5])
     ts = [0.4, float(torch.tensor(0.6)), 0.6001]
-    active = _active_bins(model, lambda: noise_profile(model, _profile_data(), ts, batch_size=3))
+    active = _active_bins(model, lambda: noise_profile(model, profile_data(), ts, batch_size=3))
     assert active == ["noise_bin_2", "noise_bin_3", "noise_bin_4"]  # the old rule: bin 4 for the second t
 
 
 def test_the_denoiser_uses_the_exact_bin_of_the_mask_ratio():
-    model = _noise_bins(tiny_llada(), [1, 2, 3, 4, 5])
+    model = noise_bins(tiny_llada(), [1, 2, 3, 4, 5])
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     positions = torch.ones_like(ids, dtype=torch.bool)
 

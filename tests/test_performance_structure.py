@@ -25,13 +25,14 @@ from collections.abc import Iterator
 import peft
 import pytest
 import torch
+from builders import tiny_llada_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nara_diffusion as nd
 from nara_diffusion.core import layer as layer_module
 from nara_diffusion.core.hypernet import CoreGenerator
 from nara_diffusion.core.noise import ComputedNoiseLevel, validate_noise_level
-from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
+from nara_diffusion.text.llada import LLaDAModelLM
 from nara_diffusion.text.sampler import canvas_noise_level
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out"]
@@ -40,9 +41,9 @@ LAYERS = 6  # 6 blocks × 4 targets = 24 adapted layers
 
 def tiny_llada(seed: int = 0) -> LLaDAModelLM:
     torch.manual_seed(seed)
-    config = LLaDAConfig(
-        d_model=32, n_heads=4, n_kv_heads=4, n_layers=LAYERS, mlp_hidden_size=48, vocab_size=64, embedding_size=64,
-        max_sequence_length=64, mask_token_id=63, eos_token_id=1, pad_token_id=1,
+    config = tiny_llada_config(
+        n_layers=LAYERS, mlp_hidden_size=48, vocab_size=64, embedding_size=64, rope_theta=500000.0, mask_token_id=63,
+        pad_token_id=1,
     )  # fmt: skip
     return LLaDAModelLM(config)
 

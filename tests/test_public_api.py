@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import nara_diffusion as nd
 
 
@@ -49,6 +51,7 @@ def test_the_backends_are_symmetric_namespaces():
         assert all(hasattr(namespace, name) for name in namespace.__all__)
 
 
+@pytest.mark.slow
 def test_importing_the_package_loads_neither_diffusers_nor_a_backend():
     code = (
         "import json, sys; import nara_diffusion as nd; "
@@ -62,7 +65,7 @@ def test_importing_the_package_loads_neither_diffusers_nor_a_backend():
 
 
 def test_the_shared_adapter_has_one_python_name_and_keeps_its_on_disk_key():
-    from conftest import TinyNet
+    from builders import TinyNet
 
     model = nd.get_nara_model(TinyNet(), nd.NaRAConfig(r=2, target_modules=["layers.0", "layers.1"]))
     adapter = nd.get_adapter(model)

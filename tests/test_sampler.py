@@ -10,48 +10,14 @@ from typing import Optional
 import peft
 import pytest
 import torch
-from conftest import perturb_
+from builders import EOS, MASK, PAD, V, make_tiny_base, noise_bins, perturb_, tiny_llada, tiny_llada_config
+from reference import computed
 from torch import nn
 
 import nara_diffusion as nd
-from nara_diffusion.core.noise import ComputedNoiseLevel
-from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
+from nara_diffusion.text.llada import LLaDAModelLM
 from nara_diffusion.text.noise_bins import noise_bin_count
 from nara_diffusion.text.sampler import Denoiser, MaskRatio, generate, gumbel_argmax, transfer_schedule
-
-V, MASK, EOS, PAD = 20, 19, 1, 0
-
-
-def tiny_llada(seed: int = 0, eos_always: bool = False) -> LLaDAModelLM:
-    """A random LLaDA whose logits vary a lot (init_std 0.5) and that, like a trained one, never predicts [MASK]:
-    a constant feature (ln_f bias) feeds a -100 logit for the mask token (or +100 for EOS with ``eos_always``)."""
-    config = LLaDAConfig(
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        n_layers=2,
-        mlp_hidden_size=64,
-        vocab_size=V,
-        embedding_size=V,
-        max_sequence_length=64,
-        rope_theta=10000.0,
-        mask_token_id=MASK,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        init_std=0.5,
-        bias_for_layer_norm=True,
-    )
-    torch.manual_seed(seed)
-    model = LLaDAModelLM(config).eval()
-    with torch.no_grad():
-        model.model.transformer["ln_f"].weight[0] = 0.0
-        model.model.transformer["ln_f"].bias[0] = 1.0
-        head = model.model.transformer["ff_out"].weight
-        head[:, 0] = 0.0
-        head[MASK, 0] = -100.0
-        if eos_always:
-            head[EOS, 0] = 100.0
-    return model
 
 
 def reference_generate(
@@ -226,11 +192,6 @@ def test_banned_tokens_are_never_proposed_and_suppressed_ones_come_last():
 
 
 # -- λ at every step --------------------------------------------------------------------------------------------------
-def computed(lam: object) -> torch.Tensor:
-    assert isinstance(lam, ComputedNoiseLevel), type(lam)
-    return lam.values
-
-
 def _nara_spy(base: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
     model = nd.get_nara_model(base, nd.NaRAConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     seen: list[torch.Tensor] = []
@@ -357,17 +318,8 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(adapter):
 
 
 # -- the noise-bin baseline -----------------------------------------------------------------------------------------
-def _noise_bins(base: nn.Module, bins: list[int]) -> peft.PeftModel:
-    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = peft.get_peft_model(base, config, adapter_name=f"noise_bin_{bins[0]}")
-    for k in bins[1:]:
-        torch.manual_seed(k)
-        model.add_adapter(f"noise_bin_{k}", config)
-    return model.eval()
-
-
 def test_noise_bin_set_switches_adapters_at_the_right_steps():
-    model = _noise_bins(tiny_llada(), [1, 2, 3])
+    model = noise_bins(tiny_llada(), [1, 2, 3])
     model.set_adapter("noise_bin_2")
     active = []
     model.get_base_model().register_forward_pre_hook(lambda m, a: active.append(model.active_adapter))
@@ -379,7 +331,7 @@ def test_noise_bin_set_switches_adapters_at_the_right_steps():
 
 
 def test_noise_bin_rows_in_different_bins_match_one_by_one():
-    model = _noise_bins(tiny_llada(seed=4), [1, 2, 3, 4])
+    model = noise_bins(tiny_llada(seed=4), [1, 2, 3, 4])
     prompts = [[5, 6], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
     settings = {"gen_length": 8, "steps": 8, "block_length": 4, "noise_rule": "sequence"}
     ids, mask = left_padded(prompts)
@@ -388,7 +340,7 @@ def test_noise_bin_rows_in_different_bins_match_one_by_one():
 
 
 def test_noise_bin_set_with_a_missing_bin_is_refused():
-    model = _noise_bins(tiny_llada(), [1, 3])
+    model = noise_bins(tiny_llada(), [1, 3])
     with pytest.raises(ValueError, match="noise_bin_2"):
         generate(model, torch.tensor([[5, 6]]), gen_length=4, steps=4)
 
@@ -437,25 +389,14 @@ def test_sample_t_in_bin_stays_in_the_bin():
 
 
 def test_multi_lora_finetune_trains_each_adapter_on_its_bin(tmp_path, monkeypatch):
-    from test_evaluation import _char_tokenizer
-
     import nara_diffusion.text.finetune as finetune
     from nara_diffusion.text.loading import load_adapter
 
-    tok = _char_tokenizer().char_tokenizer()
-    config = LLaDAConfig(
-        d_model=16,
-        n_heads=2,
-        n_kv_heads=2,
-        n_layers=1,
-        mlp_hidden_size=32,
-        vocab_size=len(tok),
-        embedding_size=len(tok),
-        max_sequence_length=128,
-        mask_token_id=tok.mask_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    tok = make_tiny_base().char_tokenizer()
+    config = tiny_llada_config(
+        tok, d_model=16, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=32, max_sequence_length=128,
+        rope_theta=500000.0,
+    )  # fmt: skip
     torch.manual_seed(0)
     base = LLaDAModelLM(config)
     seen = []

@@ -8,7 +8,8 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TinyNet, perturb_, reference_core, reference_lowrank, tiny_llama
+from builders import TinyNet, perturb_, reference_folder, tiny_llama
+from reference import reference_core, reference_lowrank
 from safetensors.torch import load_file
 
 import nara_diffusion as nd
@@ -140,43 +141,6 @@ def test_config_with_unknown_core_is_rejected(tmp_path):
 
 
 # -- the authors' format ----------------------------------------------------------------------------------
-def _reference_folder(path, r=3, h1=16, h2=24, seed=0) -> dict[str, torch.Tensor]:
-    """An adapter folder laid out as the authors' code writes it, with random (trained-looking) tensors."""
-    gen = torch.Generator().manual_seed(seed)
-    config = {
-        "peft_type": "NARA",
-        "r_ab": r,
-        "c_scale": 0.1,
-        "scale_ab": 1.0,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "target_modules": ["layers.0", "layers.2"],
-        "embedding_type": "fourier",
-        "embedding_dim": 64,
-        "fnn_hidden_size_1": h1,
-        "fnn_hidden_size_2": h2,
-        "input_mode": "nl",
-        "mapper_groups": None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_c": "zero_last",
-        "base_model_name_or_path": None,
-        "task_type": None,
-        "inference_mode": True,
-    }
-    state = {"base_model.embedding_layers.NL_emb.W": torch.randn(1, 32, generator=gen) * 16}
-    for i, (d_in, d_out) in zip((0, 2, 4), ((64, h1), (h1, h2), (h2, r * r)), strict=False):
-        state[f"base_model.global_mapper.model.{i}.weight"] = torch.randn(d_out, d_in, generator=gen) * 0.3
-        state[f"base_model.global_mapper.model.{i}.bias"] = torch.randn(d_out, generator=gen) * 0.1
-    for layer in (0, 2):
-        state[f"base_model.model.layers.{layer}.lora_A"] = torch.randn(r, 12, generator=gen) * 0.3
-        state[f"base_model.model.layers.{layer}.lora_B"] = torch.randn(12, r, generator=gen) * 0.3
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    torch.save(state, path / "adapter_model.bin")
-    return state
-
-
 def _reference_forward(base: TinyNet, state: dict[str, torch.Tensor], x, lam, r=3) -> torch.Tensor:
     hyper = {"W": state["base_model.embedding_layers.NL_emb.W"]}
     for j, i in enumerate((0, 2, 4)):
@@ -194,7 +158,7 @@ def _reference_forward(base: TinyNet, state: dict[str, torch.Tensor], x, lam, r=
 
 
 def test_reference_checkpoint_converts_and_computes_the_authors_outputs(tmp_path):
-    state = _reference_folder(tmp_path / "theirs")
+    state = reference_folder(tmp_path / "theirs")
     with pytest.raises(ValueError, match="convert_reference_checkpoint"):
         nd.load_nara_model(TinyNet(), tmp_path / "theirs")
 
@@ -245,7 +209,7 @@ def test_reference_constant_core_converts(tmp_path):
     ],
 )
 def test_unsupported_reference_features_are_named(tmp_path, change, match):
-    _reference_folder(tmp_path / "theirs")
+    reference_folder(tmp_path / "theirs")
     raw = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     raw.update(change)
     (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(raw))

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_chat_tokenizer
+from builders import tiny_chat_tokenizer
 from torch.utils.data import DataLoader
 
 from nara_diffusion.text.data import (

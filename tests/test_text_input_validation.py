@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import tiny_llada_config
 
 import nara_diffusion as nd
 from nara_diffusion.text import llada as llada_module
 from nara_diffusion.text.likelihood import mc_loglikelihood
-from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
+from nara_diffusion.text.llada import LLaDAModelLM
 from nara_diffusion.text.noise_profile import noise_profile
 from nara_diffusion.text.sampler import generate
 
@@ -17,20 +18,7 @@ V, MASK, EOS, PAD = 20, 18, 1, 0
 
 
 def tiny_llada(seed: int = 0) -> LLaDAModelLM:
-    config = LLaDAConfig(
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        n_layers=2,
-        mlp_hidden_size=64,
-        vocab_size=V,
-        embedding_size=V,
-        max_sequence_length=64,
-        rope_theta=10000.0,
-        mask_token_id=MASK,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
+    config = tiny_llada_config(vocab_size=V, embedding_size=V, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(seed)
     return LLaDAModelLM(config).eval()
 

@@ -9,7 +9,7 @@ from typing import Optional
 import peft
 import pytest
 import torch
-from conftest import perturb_
+from builders import perturb_
 from torch import nn
 from transformers import PretrainedConfig
 

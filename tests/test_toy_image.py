@@ -3,13 +3,13 @@ prompts, the subject's instance photos, and the toy default of examples/sdxl_dre
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from conftest import SDXL_EXAMPLE
+from builders import SDXL_EXAMPLE, example_module, torch_threads
 
 from nara_diffusion.toy.image import (
     PALETTE,
@@ -102,12 +102,12 @@ def test_toy_pipeline_is_small_sdxl_in_hub_layout():
 
 
 def test_toy_pipeline_follows_colour_and_background_prompts(toy_pipe):
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     prompts = ["a red circle on a blue background", "a blue square on a yellow background"]
     for prompt in prompts:
         colour, background, _ = named_colours(prompt)
-        images = toy_pipe([prompt] * 2, height=32, width=32, num_inference_steps=20, guidance_scale=5.0,
-                          generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # fmt: skip
+        with torch_threads(min(torch.get_num_threads(), 2)):
+            images = toy_pipe([prompt] * 2, height=32, width=32, num_inference_steps=20, guidance_scale=5.0,
+                              generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # fmt: skip
         for image in images:
             reading = classify_scene(image)
             assert reading.background == background and reading.background_share > 0.7, (prompt, reading)
@@ -116,11 +116,8 @@ def test_toy_pipeline_follows_colour_and_background_prompts(toy_pipe):
 
 
 # -- the toy default of train.py -------------------------------------------------------------------------------------
-def _train_script():
-    spec = importlib.util.spec_from_file_location("sdxl_example_train", SDXL_EXAMPLE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _train_script() -> ModuleType:
+    return example_module(SDXL_EXAMPLE / "train.py", "sdxl_example_train")
 
 
 def test_no_argument_default_resolves_to_the_toy_files_from_any_directory(tmp_path, monkeypatch):
@@ -137,11 +134,11 @@ def test_no_argument_default_resolves_to_the_toy_files_from_any_directory(tmp_pa
     assert config.model == "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def test_short_toy_dreambooth_run_moves_towards_the_subject_and_writes_the_grid(tmp_path):
+@pytest.mark.slow
+def test_short_toy_dreambooth_run_moves_towards_the_subject_and_writes_the_grid(tmp_path, one_thread):
     from nara_diffusion.image.dreambooth import DreamBoothConfig
     from nara_diffusion.toy.dreambooth import run_toy_dreambooth, toy_dreambooth_defaults
 
-    torch.set_num_threads(1)
     settings = toy_dreambooth_defaults(TOY, IMAGES)
     settings.update(with_prior_preservation=False, validation_prompt=None, report_to="none",
                     output_dir=str(tmp_path / "run"))  # fmt: skip

@@ -103,6 +103,7 @@ def test_toy_base_cannot_read_the_downstream_format_yet(toy_base):
     assert result.accuracy <= 0.1, result.accuracy
 
 
+@pytest.mark.slow
 def test_finetune_example_runs_the_toy_default_with_no_arguments(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TinyNet
+from builders import TinyNet
 
 import nara_diffusion as nd
 from nara_diffusion.training import TrainConfig, Trainer, attach_adapter, linear_warmup_decay, load_config

@@ -10,37 +10,13 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import generate, perturb_, perturb_nara_, tiny_llama, tiny_sdxl_pipeline
+from builders import generate, perturb_, perturb_nara_, tiny_llama, tiny_sdxl_pipeline
+from reference import state_of
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nara_diffusion as nd
 from nara_diffusion.core import serialization, tuner
-from nara_diffusion.core.layer import NaRALayer
-
-# every hook registry of nn.Module (the with_kwargs / always_called ones included)
-HOOK_DICTS = tuple(name for name, value in vars(nn.Module()).items() if "hook" in name and isinstance(value, dict))
-assert {"_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"} <= set(
-    HOOK_DICTS
-)
-
-
-def state_of(model: nn.Module) -> dict[str, Any]:
-    """Everything an attach may touch, comparable with ``==`` (tensors are compared separately)."""
-    modules = list(model.named_modules(remove_duplicate=False))
-    return {
-        "types": {name: type(m) for name, m in modules},
-        "hooks": {name: {h: dict(getattr(m, h)) for h in HOOK_DICTS} for name, m in modules},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "training": {name: m.training for name, m in modules},
-        "attributes": {name: sorted(vars(m)) for name, m in modules},
-        "adapters": {
-            name: (sorted(m.r), sorted(m.scaling), sorted(m.base_scaling), sorted(m.noise_adapters), m.active_adapters)
-            for name, m in modules
-            if isinstance(m, NaRALayer)
-        },
-        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-    }
 
 
 def assert_same_state(model: nn.Module, before: dict[str, Any]) -> None:

@@ -9,9 +9,10 @@ import threading
 
 import pytest
 import torch
-from conftest import TinyNet, f32_tol
+from builders import TinyNet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import f32_tol
 
 import nara_diffusion as nd
 from nara_diffusion.core import noise as noise_module

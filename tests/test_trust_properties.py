@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import TinyNet, perturb_, tiny_llama
+from builders import TinyNet, perturb_, tiny_llama, torch_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft.utils import get_peft_model_state_dict
-from test_trust_attach import state_of
+from reference import state_of
 
 import nara_diffusion as nd
 
@@ -244,12 +244,8 @@ class Saved:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Iterator[Saved]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny forwards: threads only contend (15x slower on a busy machine)
-    try:
+    with torch_threads(1):  # hundreds of tiny forwards: threads only contend (15x slower on a busy machine)
         yield Saved(tmp_path_factory.mktemp("folders"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mutations(region: int):

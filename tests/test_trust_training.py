@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SDXL_EXAMPLE, TinyNet, tiny_sdxl_pipeline
+from builders import SDXL_EXAMPLE, TinyNet, tiny_llada_config, tiny_sdxl_pipeline
 from safetensors.torch import load_file
 
 from nara_diffusion.core import folders
@@ -86,25 +86,12 @@ def _hidden(folder: Path) -> list[str]:
 # -- a tiny LLaDA, trained in-process ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llada(tmp_path_factory) -> Path:
-    from nara_diffusion.text.llada import LLaDAConfig, LLaDAModelLM
+    from nara_diffusion.text.llada import LLaDAModelLM
     from nara_diffusion.toy.text import char_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llada")
     tok = char_tokenizer()
-    config = LLaDAConfig(
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        n_layers=1,
-        mlp_hidden_size=64,
-        vocab_size=len(tok),
-        embedding_size=len(tok),
-        max_sequence_length=128,
-        rope_theta=10000.0,
-        mask_token_id=tok.mask_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = tiny_llada_config(tok, n_layers=1, max_sequence_length=128)
     torch.manual_seed(0)
     LLaDAModelLM(config).save_pretrained(out)
     tok.save_pretrained(out)

@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import TinyNet, perturb_, tiny_llama
+from builders import TinyNet, perturb_, tiny_llama
 
 import nara_diffusion as nd
 
