@@ -325,3 +325,39 @@ def reference_folder(path: Path, r: int = 3, h1: int = 16, h2: int = 24, seed: i
     (path / "adapter_config.json").write_text(json.dumps(config))
     torch.save(state, path / "adapter_model.bin")
     return state
+
+
+def dreambooth_config(tmp_path: Path, **overrides: Any):
+    """A `DreamBoothConfig` for a few updates on the five example images at 64 px (3 updates unless overridden)."""
+    from nara_diffusion.image.dreambooth import DreamBoothConfig
+
+    options: dict[str, Any] = dict(
+        instance_data_dir=str(SDXL_EXAMPLE / "images"),
+        instance_prompt="a photo of sks toy",
+        output_dir=str(tmp_path / "run"),
+        resolution=64,
+        max_steps=3,
+        grad_accum=1,
+        learning_rate=1e-2,
+        eval_every=0,
+        num_inference_steps=2,
+        report_to="none",
+    )
+    options.update(overrides)
+    return DreamBoothConfig(**options)
+
+
+def regression_data(n: int = 24, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` examples ``{"x": [12], "y": [5]}`` for a `TinyNet` trained by the Trainer."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(12, generator=gen), "y": torch.randn(5, generator=gen)} for _ in range(n)]
+
+
+def stack_collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def regression_loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """Squared error at a random λ per example drawn from the Trainer's generator."""
+    lam = torch.rand(batch["x"].shape[0], generator=gen)
+    return (model(batch["x"], noise_level=lam) - batch["y"]).pow(2).mean()

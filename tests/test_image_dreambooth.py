@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from builders import SDXL_EXAMPLE, generate, tiny_sd_pipeline, tiny_sdxl_pipeline
+from builders import SDXL_EXAMPLE, dreambooth_config, generate, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
@@ -202,28 +202,11 @@ def _record_timesteps(unet) -> list[torch.Tensor]:
     return seen
 
 
-def _config(tmp_path, **overrides) -> DreamBoothConfig:
-    options = dict(
-        instance_data_dir=str(IMAGES),
-        instance_prompt="a photo of sks toy",
-        output_dir=str(tmp_path / "run"),
-        resolution=64,
-        max_steps=3,
-        grad_accum=1,
-        learning_rate=1e-2,
-        eval_every=0,
-        num_inference_steps=2,
-        report_to="none",
-    )
-    options.update(overrides)
-    return DreamBoothConfig(**options)
-
-
 def test_nara_dreambooth_trains_logs_and_its_adapter_reloads_exactly(tmp_path, record_lambdas):
     pipe = tiny_sdxl_pipeline()
     base = generate(pipe)
     timesteps = _record_timesteps(pipe.unet)
-    config = _config(
+    config = dreambooth_config(
         tmp_path,
         validation_prompt="a photo of sks toy on the beach",
         validation_steps=2,
@@ -270,7 +253,7 @@ def test_nara_dreambooth_trains_logs_and_its_adapter_reloads_exactly(tmp_path, r
 def test_text_encoders_and_prior_preservation(tmp_path, record_lambdas):
     pipe = tiny_sdxl_pipeline()
     timesteps = _record_timesteps(pipe.unet)
-    config = _config(
+    config = dreambooth_config(
         tmp_path,
         max_steps=2,
         train_text_encoder=True,
@@ -305,7 +288,7 @@ def test_text_encoders_and_prior_preservation(tmp_path, record_lambdas):
 
 def test_lora_baseline_is_a_diffusers_lora(tmp_path):
     pipe = tiny_sdxl_pipeline()
-    result = run_dreambooth(_config(tmp_path, adapter="lora", max_steps=2), pipe=pipe)
+    result = run_dreambooth(dreambooth_config(tmp_path, adapter="lora", max_steps=2), pipe=pipe)
     assert (result.final_dir / "pytorch_lora_weights.safetensors").is_file()
     pipe.unet.eval()
     trained = generate(pipe)
@@ -328,7 +311,7 @@ def fresh_accelerate_state():
 
 def test_mixed_precision_keeps_the_adapter_in_float32(tmp_path, fresh_accelerate_state):
     pipe = tiny_sdxl_pipeline()
-    config = _config(tmp_path, mixed_precision="bf16", train_text_encoder=True, max_steps=2)
+    config = dreambooth_config(tmp_path, mixed_precision="bf16", train_text_encoder=True, max_steps=2)
     result = run_dreambooth(config, pipe=pipe)
     for module in (pipe.unet, pipe.text_encoder):
         dtypes = {("nara" if "nara_" in n else "base", p.dtype) for n, p in module.named_parameters()}
@@ -343,7 +326,7 @@ def test_mixed_precision_keeps_the_adapter_in_float32(tmp_path, fresh_accelerate
 
 def test_nara_c_learns_a_constant_core(tmp_path):
     pipe = tiny_sdxl_pipeline()
-    result = run_dreambooth(_config(tmp_path, adapter="nara-c", max_steps=2), pipe=pipe)
+    result = run_dreambooth(dreambooth_config(tmp_path, adapter="nara-c", max_steps=2), pipe=pipe)
     core = pipe.unet.nara_hypernet["default"]
     assert core.kind == "constant" and float(core.constant.abs().sum()) > 0  # moved away from C = I
     assert json.loads((result.final_dir / "nara_config.json").read_text())["unet"]["core"] == "constant"

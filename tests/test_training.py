@@ -6,24 +6,10 @@ import json
 
 import pytest
 import torch
-from builders import TinyNet
+from builders import TinyNet, regression_data, regression_loss, stack_collate
 
 import nara_diffusion as nd
 from nara_diffusion.training import TrainConfig, Trainer, attach_adapter, linear_warmup_decay, load_config
-
-
-def _data(n: int = 24, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(12, generator=gen), "y": torch.randn(5, generator=gen)} for _ in range(n)]
-
-
-def _collate(examples):
-    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-def _loss(model, batch, gen):
-    lam = torch.rand(batch["x"].shape[0], generator=gen)
-    return (model(batch["x"], noise_level=lam) - batch["y"]).pow(2).mean()
 
 
 def _trainer(tmp_path, adapter="nara", **overrides) -> Trainer:
@@ -32,8 +18,8 @@ def _trainer(tmp_path, adapter="nara", **overrides) -> Trainer:
     cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, grad_accum=2, learning_rate=1e-2, report_to="none")
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    loss = _loss if adapter.startswith("nara") else (lambda m, b, g: (m(b["x"]) - b["y"]).pow(2).mean())
-    return Trainer(model, cfg, _data(), _data(8, seed=1), _collate, loss)
+    loss = regression_loss if adapter.startswith("nara") else (lambda m, b, g: (m(b["x"]) - b["y"]).pow(2).mean())
+    return Trainer(model, cfg, regression_data(), regression_data(8, seed=1), stack_collate, loss)
 
 
 def _log(tmp_path, key="train/loss") -> list[float]:
@@ -146,14 +132,21 @@ def test_constant_schedule_callbacks_and_a_given_optimizer(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path), batch_size=4, grad_accum=1, max_steps=4, eval_every=0)
     cfg.report_to, cfg.lr_schedule, cfg.warmup_ratio = "none", "constant", 0.75
     trainer = Trainer(
-        model, cfg, _data(), None, _collate, _loss, optimizer=sgd, callbacks=[lambda t: seen.append(t.global_step)]
+        model,
+        cfg,
+        regression_data(),
+        None,
+        stack_collate,
+        regression_loss,
+        optimizer=sgd,
+        callbacks=[lambda t: seen.append(t.global_step)],
     )
     trainer.train()
     assert seen == [1, 2, 3, 4]
     assert _log(tmp_path, "train/lr") == pytest.approx([0.5 * 2 / 3, 0.5, 0.5, 0.5])  # warm-up over 3, then flat
     cfg.lr_schedule = "cosine"
     with pytest.raises(ValueError, match="lr_schedule must be one of linear, constant"):
-        Trainer(model, cfg, _data(), None, _collate, _loss)
+        Trainer(model, cfg, regression_data(), None, stack_collate, regression_loss)
 
 
 def test_bare_boolean_flags_mean_true():

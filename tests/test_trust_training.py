@@ -10,11 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import SDXL_EXAMPLE, TinyNet, tiny_llada_config, tiny_sdxl_pipeline
+from builders import (
+    SDXL_EXAMPLE,
+    TinyNet,
+    dreambooth_config,
+    regression_data,
+    regression_loss,
+    stack_collate,
+    tiny_llada_config,
+    tiny_sdxl_pipeline,
+)
 from safetensors.torch import load_file
 
 from nara_diffusion.core import folders
-from nara_diffusion.image.dreambooth import DreamBoothConfig, run_dreambooth
+from nara_diffusion.image.dreambooth import run_dreambooth
 from nara_diffusion.text import finetune as text_finetune
 from nara_diffusion.text.finetune import FinetuneConfig, run_finetune
 from nara_diffusion.training import TrainConfig, Trainer, attach_adapter, load_config
@@ -201,29 +210,19 @@ def test_a_state_that_does_not_fit_the_run_is_refused_by_name(tiny_llada, killed
 
 
 def test_dreambooth_resume_ignores_planted_pickles_and_unpickles_nothing(tmp_path, monkeypatch):
-    config = _image_config(tmp_path, max_steps=2, eval_every=2)
+    config = dreambooth_config(tmp_path, max_steps=2, eval_every=2)
     run_dreambooth(config, pipe=tiny_sdxl_pipeline())
     marker = tmp_path / "pwned"
     _plant(tmp_path / "run" / "state", ACCELERATE_NAMES, marker)
     _refuse_unpickling(monkeypatch)
-    result = run_dreambooth(_image_config(tmp_path, max_steps=3, eval_every=2, resume=True), pipe=tiny_sdxl_pipeline())
+    result = run_dreambooth(
+        dreambooth_config(tmp_path, max_steps=3, eval_every=2, resume=True), pipe=tiny_sdxl_pipeline()
+    )
     assert result.global_step == 3 and not marker.exists()
     assert [row["step"] for row in _rows(tmp_path / "run") if "train/loss" in row] == [1, 2, 3]
 
 
 # 2: a kill at any point of any save ------------------------------------------------------------------------------
-def _data(n: int = 24, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(12, generator=gen), "y": torch.randn(5, generator=gen)} for _ in range(n)]
-
-
-def _collate(examples):
-    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-def _loss(model, batch, gen):
-    lam = torch.rand(batch["x"].shape[0], generator=gen)
-    return (model(batch["x"], noise_level=lam) - batch["y"]).pow(2).mean()
 
 
 def _trainer(output_dir: Path, **overrides) -> Trainer:
@@ -232,7 +231,9 @@ def _trainer(output_dir: Path, **overrides) -> Trainer:
     options = dict(output_dir=str(output_dir), batch_size=4, grad_accum=2, learning_rate=1e-2, report_to="none")
     options.update(max_steps=6, eval_every=2)
     options.update(overrides)
-    return Trainer(model, TrainConfig(**options), _data(), _data(8), _collate, _loss)  # val improves: seen data
+    return Trainer(
+        model, TrainConfig(**options), regression_data(), regression_data(8), stack_collate, regression_loss
+    )  # val improves: seen data
 
 
 @pytest.fixture(scope="module")
@@ -368,29 +369,12 @@ def test_the_same_text_seed_gives_the_same_adapter_whatever_ran_before(tiny_llad
     assert any(not torch.equal(v, other[k]) for k, v in _tensors(outputs[0]).items())
 
 
-def _image_config(tmp_path: Path, **overrides) -> DreamBoothConfig:
-    options = dict(
-        instance_data_dir=str(IMAGES),
-        instance_prompt="a photo of sks toy",
-        output_dir=str(tmp_path / "run"),
-        resolution=64,
-        max_steps=2,
-        grad_accum=1,
-        learning_rate=1e-2,
-        eval_every=0,
-        num_inference_steps=2,
-        report_to="none",
-    )
-    options.update(overrides)
-    return DreamBoothConfig(**options)
-
-
 @pytest.mark.parametrize("adapter", ["nara", "lora"])
 def test_the_same_dreambooth_seed_gives_the_same_adapter_whatever_ran_before(tmp_path, adapter):
     finals = []
     for before in (1, 2):
         torch.manual_seed(before)
-        config = _image_config(tmp_path / str(before), adapter=adapter, lora_dropout=0.05)
+        config = dreambooth_config(tmp_path / str(before), adapter=adapter, lora_dropout=0.05, max_steps=2)
         finals.append(run_dreambooth(config, pipe=tiny_sdxl_pipeline()).final_dir)
     _assert_same_tensors(*finals)
 
@@ -437,7 +421,7 @@ def test_a_bad_number_is_named_before_anything_happens(tmp_path, flag, value, me
 )
 def test_a_bad_dreambooth_number_is_named(tmp_path, flag, value):
     with pytest.raises(ValueError, match=f"--{flag} must be"):
-        _image_config(tmp_path, **{flag: value})
+        dreambooth_config(tmp_path, **{flag: value})
 
 
 def test_max_steps_unset_still_trains_for_the_epochs(tmp_path):
@@ -455,7 +439,7 @@ def test_a_config_changed_after_construction_is_checked_before_loading(tmp_path,
     config.max_steps = 0
     with pytest.raises(ValueError, match="--max_steps must be an integer >= 1"):
         run_finetune(config)
-    image = _image_config(tmp_path)
+    image = dreambooth_config(tmp_path)
     image.grad_accum = 0
     with pytest.raises(ValueError, match="--grad_accum must be"):
         run_dreambooth(image)  # would load the SDXL base from the Hub
@@ -464,7 +448,7 @@ def test_a_config_changed_after_construction_is_checked_before_loading(tmp_path,
     torch.manual_seed(0)
     model = attach_adapter(TinyNet(), "nara", r=4, target_modules=["layers.0"])
     with pytest.raises(ValueError, match="--max_steps"):
-        Trainer(model, trainer_config, _data(), None, _collate, _loss)
+        Trainer(model, trainer_config, regression_data(), None, stack_collate, regression_loss)
     assert not (tmp_path / "out").exists() and not (tmp_path / "net").exists() and not (tmp_path / "run").exists()
 
 
@@ -478,7 +462,7 @@ def test_a_missing_local_model_folder_is_named(tmp_path, name):
 
 def test_a_missing_local_pipeline_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--model /no/such/pipeline: no such folder.*stable-diffusion-xl"):
-        run_dreambooth(_image_config(tmp_path, model="/no/such/pipeline"))
+        run_dreambooth(dreambooth_config(tmp_path, model="/no/such/pipeline"))
     with pytest.raises(FileNotFoundError, match=r"--vae \./no-vae: no such folder"):
-        run_dreambooth(_image_config(tmp_path, model=str(tmp_path), vae="./no-vae"))
+        run_dreambooth(dreambooth_config(tmp_path, model=str(tmp_path), vae="./no-vae"))
     assert not (tmp_path / "run").exists()
