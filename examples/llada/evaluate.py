@@ -34,6 +34,7 @@ from nara_diffusion.text.data import load_records, to_prompt_answer, tokenize_sf
 from nara_diffusion.text.loading import adapter_base_model, load_adapter, load_for_inference
 from nara_diffusion.text.noise_profile import compare_noise_profiles, plot_noise_profiles
 from nara_diffusion.text.scoring import ANSWER_KINDS, evaluate_generation
+from nara_diffusion.text.trained_sampling import read_sampling_record
 
 BASE = "base"
 PROFILE_NAME = "noise_profile.png"
@@ -111,6 +112,9 @@ def main() -> None:
         print(f"plot: {plot}")
         return
 
+    # The bare base model samples at the first adapter's trained length, so that both see the same canvas.
+    trained = next((r for r in map(read_sampling_record, paths) if r is not None), None)
+    base_length = None if trained is None else int(trained["gen_length"])
     for label, path in adapters.items():
         model = base if path is None else load_adapter(base, path).eval()
         result = evaluate_generation(
@@ -123,7 +127,7 @@ def main() -> None:
             answer_column=args.answer_column,
             batch_size=args.batch_size,
             progress=True,
-            **sampler_kwargs(args),
+            **sampler_kwargs(args, model, base_length if path is None else None),
         )
         target = args.output_dir / f"predictions.{label}.jsonl"
         result.write_jsonl(target)

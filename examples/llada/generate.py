@@ -10,6 +10,7 @@ Prompts are rendered with the tokenizer's chat template (as in training). All lo
 
 import argparse
 import logging
+from typing import Optional
 
 import torch
 
@@ -17,14 +18,25 @@ from nara_diffusion.text.data import encode_prompts
 from nara_diffusion.text.loading import load_for_inference
 from nara_diffusion.text.prompting import generate_texts
 from nara_diffusion.text.sampler import NOISE_RULES, REMASKING
+from nara_diffusion.text.trained_sampling import sampler_settings
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """The `generate` settings as command-line options (shared with evaluate.py)."""
     group = parser.add_argument_group("sampler")
-    group.add_argument("--gen_length", type=int, default=64, help="tokens to generate")
+    group.add_argument(
+        "--gen_length",
+        type=int,
+        default=None,
+        help="tokens to generate (default: the length the adapter was trained for, its sampling.json; else 64)",
+    )
     group.add_argument("--steps", type=int, default=None, help="reverse steps in all (default: gen_length)")
-    group.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block size")
+    group.add_argument(
+        "--block_length",
+        type=int,
+        default=None,
+        help="semi-autoregressive block size (default: one block at the trained length; else 8)",
+    )
     group.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     group.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
     group.add_argument("--remasking", choices=REMASKING, default="low_confidence", help="which tokens stay masked")
@@ -35,12 +47,17 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the sampler's randomness")
 
 
-def sampler_kwargs(args: argparse.Namespace) -> dict:
-    """`generate` keyword arguments from the parsed options."""
+#: The sampler's length settings for a model whose adapter folder has no sampling.json.
+FALLBACK = {"gen_length": 64, "block_length": 8}
+
+
+def sampler_kwargs(args: argparse.Namespace, model: torch.nn.Module, default_length: Optional[int] = None) -> dict:
+    """`generate` keyword arguments from the parsed options; lengths not given are the ones ``model``'s adapter was
+    trained for (`sampler_settings`), else ``default_length`` in one block, else `FALLBACK`."""
+    lengths = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length}
+    fallback = FALLBACK if default_length is None else {"gen_length": default_length, "block_length": default_length}
     return {
-        "gen_length": args.gen_length,
-        "steps": args.steps or args.gen_length,
-        "block_length": args.block_length,
+        **sampler_settings(model, lengths, fallback=fallback),
         "temperature": args.temperature,
         "cfg_scale": args.cfg_scale,
         "remasking": args.remasking,
@@ -70,9 +87,8 @@ def main() -> None:
     model, tokenizer = load_for_inference(args.adapter_path, args.model, args.dtype)
     if torch.cuda.is_available():
         model.cuda()
-    texts = generate_texts(
-        model, tokenizer, encode_prompts(tokenizer, args.prompt), batch_size=args.batch_size, **sampler_kwargs(args)
-    )
+    prompts = encode_prompts(tokenizer, args.prompt)
+    texts = generate_texts(model, tokenizer, prompts, batch_size=args.batch_size, **sampler_kwargs(args, model))
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f">>> {prompt}\n{text}\n")
 

@@ -37,6 +37,8 @@ PIPELINE_CONFIG_NAME = "nara_config.json"
 PIPELINE_WEIGHTS_NAME = "nara_weights.safetensors"
 #: The model card of every adapter folder.
 MODEL_CARD_NAME = "README.md"
+#: How a text adapter was trained to generate (answer length, padding), for samplers to default to.
+SAMPLING_CONFIG_NAME = "sampling.json"
 
 _SUFFIXES = ("tmp", "new", "old")
 

@@ -41,6 +41,7 @@ from .model_info import resolve_mask_token_id
 from .noise_bins import gather_noise_bins, noise_bin_bounds, noise_bin_name, sample_t_in_bin
 from .objectives import LIFT_POLICIES, LIFT_VARIANTS, RHO_DISTRIBUTIONS, gift_loss, lift_sft_loss, sft_loss
 from .scoring import ANSWER_KINDS, GenerationEval, evaluate_generation
+from .trained_sampling import sampling_record, set_trained_sampling, write_sampling_record
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,15 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
     )
     test_size: Optional[int] = option(None, help="Score the first N test records only (none: all).")
     test_kind: str = option("auto", help="Answer format of the test set (text/scoring.py).", choices=ANSWER_KINDS)
-    test_gen_length: int = option(256, help="Tokens generated per test answer.")
-    test_steps: Optional[int] = option(None, help="Reverse steps per test answer (none: --test_gen_length).")
-    test_block_length: int = option(8, help="Semi-autoregressive block length of the test sampler.")
+    test_gen_length: Optional[int] = option(
+        None,
+        help="Tokens generated per test answer (none: the answer positions training fills, max_length minus the "
+        "median prompt; another value warns).",
+    )
+    test_steps: Optional[int] = option(None, help="Reverse steps per test answer (none: the test generation length).")
+    test_block_length: Optional[int] = option(
+        None, help="Semi-autoregressive block length of the test sampler (none: one block, as trained)."
+    )
     test_batch_size: int = option(8, help="Test prompts per sampler batch.")
 
     def validate(self) -> None:
@@ -132,9 +139,9 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
         check_float("lift_vanilla_coef", self.lift_vanilla_coef)
         for width in self.hidden_dims:
             check_int("hidden_dims", width, 1)
-        check_int("test_gen_length", self.test_gen_length, 1)
+        check_int("test_gen_length", self.test_gen_length, 1, optional=True)
         check_int("test_steps", self.test_steps, 1, optional=True)
-        check_int("test_block_length", self.test_block_length, 1)
+        check_int("test_block_length", self.test_block_length, 1, optional=True)
         check_int("test_batch_size", self.test_batch_size, 1)
         if self.select:
             check_int("search_steps", self.search_steps, 1)
@@ -169,7 +176,9 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
         if self.test_size is not None and self.test_size < 1:
             raise ValueError(f"test_size must be >= 1 (or none for the whole test set), got {self.test_size}.")
         steps = self.test_steps or self.test_gen_length
-        if self.test_gen_length % self.test_block_length or not 1 <= steps <= self.test_gen_length:
+        if self.test_gen_length is None or self.test_block_length is None:
+            pass  # checked by the sampler, once the trained length is known
+        elif self.test_gen_length % self.test_block_length or not 1 <= steps <= self.test_gen_length:
             raise ValueError(
                 f"test_block_length ({self.test_block_length}) must divide test_gen_length ({self.test_gen_length}) "
                 f"and 1 <= test_steps <= test_gen_length (got {steps})."
@@ -228,9 +237,11 @@ def _masked_diffusion_step(
     ).loss
 
 
-def _save_with_tokenizer(model: nn.Module, folder: Path, tokenizer: Any) -> None:
+def _save_with_tokenizer(model: nn.Module, folder: Path, tokenizer: Any, sampling: dict[str, Any]) -> None:
+    """An adapter folder: the weights, the tokenizer and ``sampling.json`` (the generation length trained for)."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    write_sampling_record(folder, sampling)
 
 
 def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, tokenizer: Any = None) -> TrainResult:
@@ -254,16 +265,18 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         val_size=config.val_size,
         seed=config.val_seed,
     )
+    sampling = sampling_record(splits.train)
     test_records = load_records(config.test_dataset)[: config.test_size] if config.test_dataset else None
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    before = _test(model, tokenizer, test_records, config, "before")
+    before = _test(model, tokenizer, test_records, config, "before", sampling)
     if config.adapter == MULTI_LORA:
-        result = _run_noise_bins(config, model, tokenizer, splits, mask_token_id)
+        result = _run_noise_bins(config, model, tokenizer, splits, mask_token_id, sampling)
         trained = load_adapter(model, result.final_dir) if before is not None else model
-        result = _with_test_metrics(result, before, _test(trained, tokenizer, test_records, config, "after"))
+        after = _test(trained, tokenizer, test_records, config, "after", sampling)
+        result = _with_test_metrics(result, before, after)
         return _publish(result, config, None)
     options: dict[str, Union[float, str, list[int]]] = {}
     if config.adapter.startswith("nara"):
@@ -289,13 +302,14 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         splits.val,
         collate_sft,
         loss_fn,
-        save_fn=partial(_save_with_tokenizer, tokenizer=tokenizer),
+        save_fn=partial(_save_with_tokenizer, tokenizer=tokenizer, sampling=sampling),
     )
     if trainer.accelerator.is_main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     logger.info("%d training / %d validation examples", len(splits.train), len(splits.val or []))
     result = trainer.train()
-    result = _with_test_metrics(result, before, _test(model, tokenizer, test_records, config, "after"))
+    set_trained_sampling(model, sampling)
+    result = _with_test_metrics(result, before, _test(model, tokenizer, test_records, config, "after", sampling))
     return _publish(result, config, model)
 
 
@@ -324,9 +338,15 @@ def _data_name(dataset: str) -> str:
 
 
 def _test(
-    model: nn.Module, tokenizer: Any, records: Optional[list[dict[str, Any]]], config: FinetuneConfig, when: str
+    model: nn.Module,
+    tokenizer: Any,
+    records: Optional[list[dict[str, Any]]],
+    config: FinetuneConfig,
+    when: str,
+    sampling: dict[str, Any],
 ) -> Optional[GenerationEval]:
-    """Accuracy on the test records (main process only), written to ``<output_dir>/test_<when>.jsonl``."""
+    """Accuracy on the test records (main process only), written to ``<output_dir>/test_<when>.jsonl``; sampled
+    at the trained length (``sampling``) unless the config says otherwise."""
     if records is None:
         return None
     from accelerate import PartialState
@@ -345,15 +365,24 @@ def _test(
             answer_column=config.answer_column,
             batch_size=config.test_batch_size,
             progress=True,
-            gen_length=config.test_gen_length,
-            steps=config.test_steps or config.test_gen_length,
-            block_length=config.test_block_length,
+            **_test_sampler(config, sampling),
         )
         model.train(was_training)
         result.write_jsonl(Path(config.output_dir) / f"test_{when}.jsonl")
         logger.info("test accuracy %s training: %.4f (%d/%d)", when, result.accuracy, result.correct, result.total)
     state.wait_for_everyone()
     return result
+
+
+def _test_sampler(config: FinetuneConfig, sampling: dict[str, Any]) -> dict[str, Any]:
+    """The test sampler's settings: the config's, else the trained length in one block, one token per step (also for
+    the base model before training, so that before and after sample the same canvas). A configured length other
+    than the trained one warns when the trained adapter is tested (`sampler_settings`)."""
+    gen_length = config.test_gen_length or int(sampling["gen_length"])
+    block_length = config.test_block_length
+    if block_length is None:
+        block_length = 8 if config.test_gen_length is not None and gen_length % 8 == 0 else gen_length
+    return {"gen_length": gen_length, "steps": config.test_steps or gen_length, "block_length": block_length}
 
 
 def _with_test_metrics(
@@ -366,7 +395,12 @@ def _with_test_metrics(
 
 
 def _run_noise_bins(
-    config: FinetuneConfig, model: nn.Module, tokenizer: Any, splits: SFTSplits, mask_token_id: int
+    config: FinetuneConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    splits: SFTSplits,
+    mask_token_id: int,
+    sampling: dict[str, Any],
 ) -> TrainResult:
     """Train the K LoRA adapters of a noise-bin set one after another (see the module docstring)."""
     root = Path(config.output_dir)
@@ -392,14 +426,16 @@ def _run_noise_bins(
             splits.val,
             collate_sft,
             partial(_masked_diffusion_step, mask_token_id=mask_token_id, config=config, noise_bin=index),
-            save_fn=partial(_save_with_tokenizer, tokenizer=tokenizer),
+            save_fn=partial(_save_with_tokenizer, tokenizer=tokenizer, sampling=sampling),
         )
         results.append(trainer.train())
         model = peft_model.unload()  # the untouched base again, for the next bin
     if trainer.accelerator.is_main_process:
         gather_noise_bins(root / "final", [r.final_dir for r in results], tokenizer)
+        write_sampling_record(root / "final", sampling)
         if all(r.best_dir is not None for r in results):
             gather_noise_bins(root / "best", [r.best_dir for r in results], tokenizer)
+            write_sampling_record(root / "best", sampling)
     trainer.accelerator.wait_for_everyone()
     losses = [r.best_val_loss for r in results]
     best = (root / "best") if all(r.best_dir is not None for r in results) else None

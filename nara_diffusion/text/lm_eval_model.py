@@ -38,6 +38,7 @@ from .loading import load_for_inference
 from .model_info import resolve_mask_token_id
 from .prompting import decode_generation, left_pad, pad_token_for, stop_token_ids
 from .sampler import NOISE_RULES, generate
+from .trained_sampling import sampler_settings
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class NaRALLaDA(TemplateLM):
         dtype: ``bfloat16`` (default, as LLaDA evaluates), ``float32`` or ``float16``.
         device: Default: CUDA when available (the process's device under ``accelerate launch``), else CPU.
         batch_size: Prompts per sampler batch in ``generate_until``.
-        gen_length, steps, block_length: Sampler settings (default 256 / 256 / 8, the NaRA authors' GSM8K command).
+        gen_length, steps, block_length: Sampler settings. Default: the length the adapter was trained for
+            (its ``sampling.json``) in one block, one token per step; without that file 256 / 256 / 8, the NaRA
+            authors' GSM8K command. A ``gen_length`` other than the trained one warns.
         temperature, cfg, remasking, threshold, noise_rule, till_eos: As in `generate` (``cfg`` is ``cfg_scale``;
             till_eos none: on for NaRA).
         mc_num, mc_batch_size: Monte-Carlo samples per likelihood and the samples per forward (LLaDA: 128 / 32).
@@ -86,9 +89,9 @@ class NaRALLaDA(TemplateLM):
         dtype: str = "bfloat16",
         device: Optional[str] = None,
         batch_size: Union[int, str, None] = 1,
-        gen_length: int = 256,
-        steps: int = 256,
-        block_length: int = 8,
+        gen_length: Optional[int] = None,
+        steps: Optional[int] = None,
+        block_length: Optional[int] = None,
         temperature: float = 0.0,
         cfg: float = 0.0,
         remasking: str = "low_confidence",
@@ -126,10 +129,16 @@ class NaRALLaDA(TemplateLM):
             logger.warning("nara_llada has no automatic batch size; using batch_size=1.")
             batch_size = 1
         self.batch_size = int(_optional(batch_size) or 1)
+        given = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
+        sampler = sampler_settings(
+            self.model,
+            {k: None if _optional(v) is None else int(v) for k, v in given.items()},
+            fallback={"gen_length": 256, "steps": 256, "block_length": 8},
+        )
         self.gen_kwargs = {
-            "gen_length": int(gen_length),
-            "steps": int(steps),
-            "block_length": int(block_length),
+            "gen_length": int(sampler["gen_length"]),
+            "steps": int(sampler["steps"]),
+            "block_length": sampler["block_length"],
             "temperature": float(temperature),
             "cfg_scale": float(cfg),
             "remasking": remasking,

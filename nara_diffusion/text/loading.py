@@ -13,6 +13,7 @@ from torch import nn
 from ..training.config import check_model_path
 from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
 from .noise_bins import load_noise_bins, noise_bin_folders
+from .trained_sampling import read_sampling_record, set_trained_sampling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,9 @@ def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Put the adapter in ``path`` on ``model``: a NaRA or NaRA-C folder, a peft LoRA folder, or a noise-bin set
     (a folder of ``noise_bin_1 … noise_bin_K`` LoRA folders, as ``finetune.py --adapter multi-lora`` writes).
 
+    The folder's ``sampling.json`` (the generation length it was trained for), if any, goes on the returned model
+    (see `trained_sampling`), so that the samplers default to it.
+
     Raises:
         FileNotFoundError: ``path`` is none of these.
         ValueError: a noise-bin set with a missing bin.
@@ -78,9 +82,12 @@ def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     config_file = folder / "adapter_config.json"
     if config_file.is_file():
         if _read_json(config_file).get("peft_type") == "NARA":
-            return load_nara_model(model, folder)
-        return peft.PeftModel.from_pretrained(model, folder)
-    return load_noise_bins(model, folder)
+            loaded = load_nara_model(model, folder)
+        else:
+            loaded = peft.PeftModel.from_pretrained(model, folder)
+    else:
+        loaded = load_noise_bins(model, folder)
+    return set_trained_sampling(loaded, read_sampling_record(folder))
 
 
 def load_for_inference(

@@ -11,6 +11,7 @@ from torch import nn
 
 from .model_info import model_device, resolve_mask_token_id
 from .sampler import generate
+from .trained_sampling import sampler_settings
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -63,10 +64,12 @@ def generate_texts(
 ) -> list[str]:
     """Generate an answer for each tokenised prompt, in batches of similar length (left-padded), in input order.
 
-    ``generate_kwargs`` go to `generate` (``gen_length``, ``steps``, ``block_length``, ...).
+    ``generate_kwargs`` go to `generate` (``gen_length``, ``steps``, ``block_length``, ...); a missing or None
+    ``gen_length`` is the one the model's adapter was trained for, and another one warns (`sampler_settings`).
     """
     from tqdm.auto import tqdm
 
+    generate_kwargs = sampler_settings(model, generate_kwargs)
     pad = pad_token_for(tokenizer, resolve_mask_token_id(model, generate_kwargs.get("mask_token_id")))
     stops = stop_token_ids(tokenizer)
     device = model_device(model)

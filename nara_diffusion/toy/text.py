@@ -75,8 +75,14 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 #: The embedded default run's gentler schedule (overrides FINETUNE_DEFAULTS): at 5e-3 × 300 updates the outcome of one
 #: run is chaotic (same seed: 54%, 39%, 33%, 4%); at 2e-3 × 600 it was 36%, 36%, 38% (two threads) and 41% (one).
 DEMO_SCHEDULE: dict[str, Any] = {"learning_rate": 2e-3, "max_steps": 600}
-#: Sampler settings for the toy tasks: answers have at most 3 digits, so 8 tokens in one block, one token per step.
+#: Sampler settings of the toy base model's held-out scores (`score_tasks`, the base's model card): answers have at
+#: most 3 digits, so 8 tokens in one block, one token per step. Not for adapters fine-tuned at `MAX_LENGTH`: they
+#: were trained to fill every answer position up to it (see `DEMO_SAMPLER`).
 SAMPLER = {"gen_length": 8, "steps": 8, "block_length": 8}
+#: Test-sampler settings of the embedded demo run (`FinetuneConfig` fields): none for the length and block, so the
+#: test samples the 35 answer positions the adapter is trained to fill ("What is 63&45?" is a 37-token prompt at
+#: `MAX_LENGTH` 72), in one block, one token per step.
+DEMO_SAMPLER: dict[str, Any] = {"test_gen_length": None, "test_steps": None, "test_block_length": None}
 
 _NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max")
 _ITEMS = ("pens", "cups", "eggs", "hats", "keys", "toys")
@@ -234,6 +240,7 @@ task the base model was never taught:
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "DEMO_SAMPLER",
     "DEMO_SCHEDULE",
     "DOWNSTREAM_TASK",
     "FINETUNE_DEFAULTS",
