@@ -13,6 +13,7 @@ import torch
 from builders import SDXL_EXAMPLE, dreambooth_config, generate, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
+from reference import f32_tol
 
 import nara_diffusion as nd
 from nara_diffusion.core import NoiseConditionedAdapter
@@ -293,9 +294,13 @@ def test_lora_baseline_is_a_diffusers_lora(tmp_path):
     pipe.unet.eval()
     trained = generate(pipe)
     fresh = tiny_sdxl_pipeline()
-    assert not (generate(fresh) == trained).all()
+    # diffusers rebuilds the same LoRA layers, but it is another code path: allow float32 rounding through the UNet and
+    # VAE (~85 chained reductions of ≤ 576 terms; pixels in [0, 1]), and check the trained update moves pixels by far
+    # more than that
+    tol = f32_tol(576, magnitude=1.0, depth=85)
+    assert np.abs(generate(fresh) - trained).max() > 10 * tol
     fresh.load_lora_weights(result.final_dir)  # diffusers' own loader
-    np.testing.assert_allclose(generate(fresh), trained, atol=1e-6)
+    np.testing.assert_allclose(generate(fresh), trained, rtol=0, atol=tol)
     assert isinstance(fresh, StableDiffusionXLPipeline)
 
 

@@ -79,7 +79,8 @@ def test_every_denoising_step_sees_its_own_t_over_T(guidance_scale):
     for call in calls:
         assert call["batch"] == expected_batch
         per_example = call["lam"].expand(call["batch"])  # a scalar timestep broadcasts to the batch
-        torch.testing.assert_close(per_example, call["t"].expand(call["batch"]) / 1000, rtol=0, atol=1e-7)
+        # λ = t/T is one float32 division on each side (values ≤ 1); the next denoising step's t differs by ≥ 1/T
+        torch.testing.assert_close(per_example, call["t"].expand(call["batch"]) / 1000, rtol=0, atol=f32_tol(1))
         seen.append(float(call["t"][0]))
     assert seen == pipe.scheduler.timesteps.tolist()
 
