@@ -12,6 +12,7 @@ import pytest
 import torch
 from builders import tiny_llada_config
 
+import nara_diffusion as nd
 from nara_diffusion.core.folders import SAMPLING_CONFIG_NAME
 from nara_diffusion.text import prompting
 from nara_diffusion.text.data import encode_prompts, to_prompt_answer
@@ -181,3 +182,9 @@ def test_the_lm_eval_model_defaults_to_the_trained_length(trained, prompt_length
         warnings.simplefilter("error")
         lm = NaRALLaDA(adapter=str(old), dtype="float32", device="cpu")
     assert (lm.gen_kwargs["gen_length"], lm.gen_kwargs["steps"], lm.gen_kwargs["block_length"]) == (256, 256, 8)
+
+
+def test_a_damaged_sampling_record_is_named(tmp_path):
+    (tmp_path / "sampling.json").write_bytes(b'{"gen_length": 3')
+    with pytest.raises(nd.NaRALoadError, match=r"sampling\.json"):
+        read_sampling_record(tmp_path)

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..core.folders import SAMPLING_CONFIG_NAME
+from ..core.serialization import NaRALoadError
 
 #: Attribute of a loaded model holding its adapter's sampling record.
 TRAINED_SAMPLING_ATTR = "nara_trained_sampling"
@@ -48,11 +49,18 @@ def write_sampling_record(folder: Union[str, Path], record: Mapping[str, Any]) -
 
 
 def read_sampling_record(folder: Union[str, Path]) -> Optional[dict[str, Any]]:
-    """The record in ``folder``, or None when there is none (or it has no positive integer ``gen_length``)."""
+    """The record in ``folder``, or None when there is none (or it has no positive integer ``gen_length``).
+
+    Raises:
+        NaRALoadError: the file is not JSON.
+    """
     path = Path(folder) / SAMPLING_CONFIG_NAME
     if not path.is_file():
         return None
-    record = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise NaRALoadError(f"{path} is not valid JSON ({err}); delete it to sample with explicit settings.") from err
     gen_length = record.get("gen_length") if isinstance(record, dict) else None
     if not isinstance(gen_length, int) or isinstance(gen_length, bool) or gen_length < 1:
         warnings.warn(f"{path} has no positive integer gen_length; ignoring it.", stacklevel=2)
