@@ -33,7 +33,9 @@ def _expected(task: str, prompt: str) -> int:
     if task == "word":
         verb = re.search(r" and (\w+) \d+\.", prompt).group(1)
         return a + b if verb in ("gets", "finds", "buys") else a - b
-    return a - b if task in ("sub", "amp") else a + b  # "&" is the downstream task's new notation for "-"
+    if task == "dif":
+        return abs(a - b)
+    return a - b if task in ("sub", "amp", "dlr") else a + b  # "&" and "$" are new notations for "-"
 
 
 @pytest.mark.parametrize("task", toy.TASKS)
@@ -41,8 +43,11 @@ def test_problems_carry_their_answers(task):
     records = toy.train_records([task], 300, seed=5) + toy.test_records(task)
     for record in records:
         assert record["answer"] == record["output"] == str(_expected(task, record["instruction"]))
-    if task in ("sub", "amp"):
+    if task in ("sub", "amp", "dlr", "dif"):
         assert min(int(r["answer"]) for r in records) >= 0
+    if task == "dif":  # both orders of the operands occur, so the order must be read
+        orders = {int(a) < int(b) for a, b in (re.findall(r"\d+", r["instruction"]) for r in records)}
+        assert orders == {True, False}
 
 
 @pytest.mark.parametrize("task", toy.TASKS)
@@ -52,6 +57,14 @@ def test_held_out_problems_never_reach_training(task):
     trained = {(r["instruction"]) for r in toy.train_records([task], 3 * len(train), seed=0)}
     assert not trained & {r["instruction"] for r in toy.test_records(task)}
     assert toy.test_records(task, 20) == toy.test_records(task)[:20]  # a fixed set, always in the same order
+    if task in toy.BENCHMARK_TASKS:
+        validation = {r["instruction"] for r in toy.validation_records(task)}
+        test = {r["instruction"] for r in toy.test_records(task)}
+        assert len(test) == toy.BENCHMARK_TEST_SIZE and len(validation) == toy.VALIDATION_SIZE
+        assert not validation & test and not validation & trained
+    else:
+        with pytest.raises(ValueError, match="validation split"):
+            toy.validation_records(task)
 
 
 def test_committed_downstream_files_are_the_generated_ones():
@@ -101,6 +114,12 @@ def test_toy_base_cannot_read_the_downstream_format_yet(toy_base):
     model, tokenizer = toy_base
     result = toy.score_tasks(model, tokenizer, [toy.DOWNSTREAM_TASK], 100)[toy.DOWNSTREAM_TASK]
     assert result.accuracy <= 0.1, result.accuracy
+
+
+def test_toy_base_cannot_do_the_benchmark_tasks_yet(toy_base):
+    model, tokenizer = toy_base
+    for task, result in toy.score_tasks(model, tokenizer, toy.BENCHMARK_TASKS, 50).items():
+        assert result.accuracy <= 0.1, (task, result.accuracy, result.records[:5])
 
 
 @pytest.mark.slow

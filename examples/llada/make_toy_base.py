@@ -85,7 +85,7 @@ def main() -> None:
         result = run_finetune(_phase(args, result.final_dir, work, "run2", args.steps2, args.seed + 1))
 
     model, tokenizer = load_for_inference(str(result.final_dir))
-    scores = toy.score_tasks(model, tokenizer, toy.TASKS)
+    scores = toy.score_tasks(model, tokenizer, (*toy.PRETRAIN_TASKS, toy.DOWNSTREAM_TASK))
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(result.final_dir / name, args.out / name)

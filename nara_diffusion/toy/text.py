@@ -13,6 +13,19 @@ numbers 10–99:
   candidates: "&" for addition (the base already solves it) and "What is the sum of 63 and 45?" (moving the
   operands: a 41k-parameter adapter reached ≤ 20% exact answers in 300–900 updates, a poor demonstration).
 
+The quality benchmark's tasks (`BENCHMARK_TASKS`), chosen so that the base scores 0% and no method saturates at the
+benchmark's budget (300 updates of 16; NaRA at 5e-3 measured on 200 validation problems):
+
+- ``dif``: "What is 32~42?" → "10" — the absolute difference, operands in either order: compare, then subtract (the
+  base only subtracts the smaller from the larger when it comes second), from 1,000 training problems: 15%;
+- ``dlr``: "What is 63$45?" → "18" — one more new notation for subtraction, from only `BENCHMARK_TRAIN_SIZE` = 64
+  training problems (32: 13%; 100: 80%).
+
+Rejected: "What is 12+34+56?" and "What is 63&45+12?" (three operands: 0.5% after 300 updates, nothing to compare)
+and "What is 63#45?" for a + b + 1 (99.5%: saturates). Each benchmark task has `VALIDATION_SIZE` validation problems
+(for choosing a learning rate) beside its `BENCHMARK_TEST_SIZE` test problems; both are held out of every training
+draw.
+
 Held-out problems are fixed once for all (a seeded choice of operand pairs per task, `HOLDOUT_SEED`), so the base
 model's test prompts never appear in its pretraining corpus and the downstream test prompts never appear in the
 downstream training file.
@@ -20,6 +33,7 @@ downstream training file.
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 from collections.abc import Sequence
@@ -49,11 +63,18 @@ CHAT_TEMPLATE = (
 
 PRETRAIN_TASKS = ("add", "sub", "word")
 DOWNSTREAM_TASK = "amp"
-TASKS = (*PRETRAIN_TASKS, DOWNSTREAM_TASK)
+BENCHMARK_TASKS = ("dif", "dlr")
+TASKS = (*PRETRAIN_TASKS, DOWNSTREAM_TASK, *BENCHMARK_TASKS)
 OPERANDS = range(10, 100)
 HOLDOUT_SEED = 20261122
-#: Held-out problems per task (never trained on: the base model's test sets, and the downstream task's).
+#: Test problems of each benchmark task (the first ones held out) and validation problems (the next ones).
+BENCHMARK_TEST_SIZE, VALIDATION_SIZE = 500, 200
+#: Training problems of each benchmark task (``dlr`` is the few-example task).
+BENCHMARK_TRAIN_SIZE = {"dif": 1000, "dlr": 64}
+#: Held-out problems per task (never trained on: the base model's test sets, the downstream task's, and the benchmark
+#: tasks' test and validation problems).
 HOLDOUT_SIZE = {"add": 400, "sub": 300, "word": 300, "amp": 400}
+HOLDOUT_SIZE |= {task: BENCHMARK_TEST_SIZE + VALIDATION_SIZE for task in BENCHMARK_TASKS}
 #: Sequence length of the toy SFT examples (the longest word problem + answer + EOS is 72 tokens).
 MAX_LENGTH = 72
 #: Settings of the toy fine-tunes (the example's embedded default run and the quality benchmark). At r = 8 on
@@ -132,11 +153,12 @@ def llada_config(
 
 
 # -- problems ---------------------------------------------------------------------------------------------------------
-def _operands(task: str) -> list[tuple[int, int]]:
+@functools.cache
+def _operands(task: str) -> tuple[tuple[int, int], ...]:
     """Every operand pair of a task, in a fixed order."""
-    if task in ("sub", "amp"):
-        return [(a, b) for a in OPERANDS for b in OPERANDS if b <= a]
-    return [(a, b) for a in OPERANDS for b in OPERANDS]
+    if task in ("sub", "amp", "dlr"):
+        return tuple((a, b) for a in OPERANDS for b in OPERANDS if b <= a)
+    return tuple((a, b) for a in OPERANDS for b in OPERANDS)
 
 
 def _word_problem(a: int, b: int, rng: random.Random) -> tuple[str, int]:
@@ -150,7 +172,11 @@ def _word_problem(a: int, b: int, rng: random.Random) -> tuple[str, int]:
 
 def make_problem(task: str, a: int, b: int, rng: random.Random) -> dict[str, Any]:
     """One problem as an LLM-Adapters record (``instruction``, ``input``, ``output``, ``answer``)."""
-    if task == "add":
+    if task == "dif":
+        prompt, answer = f"What is {a}~{b}?", abs(a - b)
+    elif task == "dlr":
+        prompt, answer = f"What is {a}${b}?", a - b
+    elif task == "add":
         prompt, answer = f"What is {a}+{b}?", a + b
     elif task == "sub":
         prompt, answer = f"What is {a}-{b}?", a - b
@@ -168,17 +194,39 @@ def split_operands(task: str) -> tuple[list[tuple[int, int]], list[tuple[int, in
     shuffled order (so that the first ``n`` are a fair sample)."""
     if task not in TASKS:
         raise ValueError(f"Unknown toy task {task!r}; choose one of {', '.join(TASKS)}.")
+    train, held = _split(task)
+    return list(train), list(held)
+
+
+@functools.cache
+def _split(task: str) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
     pairs = _operands(task)
     order = list(range(len(pairs)))
     random.Random(f"{HOLDOUT_SEED}-{task}").shuffle(order)
     held = set(order[: HOLDOUT_SIZE[task]])
-    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in order[: HOLDOUT_SIZE[task]]]
+    return tuple(p for i, p in enumerate(pairs) if i not in held), tuple(pairs[i] for i in order[: HOLDOUT_SIZE[task]])
+
+
+def _held_out_records(task: str) -> list[dict[str, Any]]:
+    rng = random.Random(f"{HOLDOUT_SEED}-{task}-text")
+    return [make_problem(task, a, b, rng) for a, b in split_operands(task)[1]]
 
 
 def test_records(task: str, n: int | None = None) -> list[dict[str, Any]]:
-    """The first ``n`` held-out problems of a task (all of them by default), always the same ones."""
-    rng = random.Random(f"{HOLDOUT_SEED}-{task}-text")
-    records = [make_problem(task, a, b, rng) for a, b in split_operands(task)[1]]
+    """The first ``n`` test problems of a task (all of them by default), always the same ones: every held-out problem,
+    or for a benchmark task the first `BENCHMARK_TEST_SIZE`."""
+    records = _held_out_records(task)
+    if task in BENCHMARK_TASKS:
+        records = records[:BENCHMARK_TEST_SIZE]
+    return records if n is None else records[:n]
+
+
+def validation_records(task: str, n: int | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` validation problems of a benchmark task (`VALIDATION_SIZE` by default): held out of training and
+    disjoint from its test problems, for choosing settings such as the learning rate."""
+    if task not in BENCHMARK_TASKS:
+        raise ValueError(f"Only the benchmark tasks {BENCHMARK_TASKS} have a validation split, not {task!r}.")
+    records = _held_out_records(task)[BENCHMARK_TEST_SIZE:]
     return records if n is None else records[:n]
 
 
@@ -239,6 +287,9 @@ task the base model was never taught:
 
 
 __all__ = [
+    "BENCHMARK_TASKS",
+    "BENCHMARK_TEST_SIZE",
+    "BENCHMARK_TRAIN_SIZE",
     "CHAT_TEMPLATE",
     "DEMO_SAMPLER",
     "DEMO_SCHEDULE",
@@ -250,6 +301,7 @@ __all__ = [
     "SAMPLER",
     "SPECIAL_TOKENS",
     "TASKS",
+    "VALIDATION_SIZE",
     "char_tokenizer",
     "llada_config",
     "make_problem",
@@ -258,4 +310,5 @@ __all__ = [
     "split_operands",
     "test_records",
     "train_records",
+    "validation_records",
 ]

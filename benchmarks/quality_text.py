@@ -1,0 +1,420 @@
+"""Text quality benchmark (issue 15): every method on two toy tasks that do not saturate, with a learning-rate sweep on
+a validation split, five training seeds at the chosen rate, 500 test problems, 95% intervals, paired bootstrap
+differences against peft's LoRA, and the loss on answer tokens by noise level (the NaRA paper's Figure 1 question).
+
+    python benchmarks/quality_text.py --jobs 2                 # the whole protocol (cached per run: re-run to resume)
+    python benchmarks/quality_text.py --quick                  # a smoke test of the whole pipeline in about a minute
+    python benchmarks/quality_text.py --methods "LoRA (peft),NaRA" --tasks dif
+
+Protocol, per task and method: train with seed 0 at each learning rate of the method's grid, keep the rate with the
+best exact-answer accuracy on the task's 200 validation problems (ties: the smaller rate), then train seeds 1–4 at it.
+Every run is scored on the same 500 test problems (greedy noise-aware sampler at the answer length the adapter was
+trained for: one block, one token per step). The table gives mean ± sample std and a 95% t-interval over the five
+seeds, and the paired difference to LoRA with a bootstrap interval over seeds and test problems (`_stats`). The base
+model's answer-token loss and each profiled method's gain over it at t = 0.1 … 1.0 (same masks for all) go to a plot.
+
+The training data of a task are fixed (``toy.train_records([task], toy.BENCHMARK_TRAIN_SIZE[task], seed=0)``); the
+seed changes the adapter's initialisation, the batch order and the masks. Results:
+``<output_dir>/quality_text_runs/<task>/<method>/lr<rate>-seed<s>.json`` (one per run; existing ones are reused),
+``quality_text.json``, ``quality_text.md`` and ``quality_text_profile.png``. Trained models go to ``--work_dir``
+(deleted after scoring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import _stats
+import _timing
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "examples" / "llada" / "toy"
+TS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+BASE = "base model"
+REFERENCE = "LoRA (peft)"
+#: Methods whose answer-token loss profile is measured (every run of theirs), besides the base model.
+PROFILED = ("LoRA (peft)", "NaRA", "NaRA-C")
+
+#: label → FinetuneConfig overrides (adapters matched at about 41k trainable parameters: NaRA r 8 with its (32, 64)
+#: hypernetwork 41,120; LoRA and NaRA-C r 10; the noise-bin set K LoRAs of r 10, one active per example).
+METHODS: dict[str, dict[str, Any]] = {
+    "LoRA (peft)": {"adapter": "lora", "r": 10},
+    "NaRA": {"adapter": "nara", "r": 8},
+    "NaRA-C": {"adapter": "nara-c", "r": 10},
+    "full fine-tuning": {"adapter": "full"},
+    "Multi-LoRA (K=4 bins)": {"adapter": "multi-lora", "bins": 4, "r": 10},
+    "LIFT + LoRA": {"adapter": "lora", "r": 10, "objective": "lift"},
+    "LIFT + NaRA": {"adapter": "nara", "r": 8, "objective": "lift"},
+    "DiffoRA-placed NaRA": {"adapter": "nara", "r": 12, "select": "diffora", "sample_rate": 0.5},
+}
+#: Learning-rate grids: adapters, and full fine-tuning (all 0.88M weights move, so smaller steps).
+ADAPTER_RATES, FULL_RATES = (2e-3, 5e-3, 1e-2), (1e-4, 3e-4, 1e-3)
+SEEDS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one run trains on and is scored on."""
+
+    tasks: tuple[str, ...]
+    n_train: Optional[int] = None  # None: the task's `toy.BENCHMARK_TRAIN_SIZE`
+    max_steps: int = 300
+    max_length: int = 48  # the toy prompts are 37 tokens: 11 answer positions, for answers of at most 3 digits + EOS
+    n_val: int = 200
+    n_test: int = 500
+    seeds: tuple[int, ...] = SEEDS
+
+
+def full_budget() -> Budget:
+    from nara_diffusion.toy import text as toy
+
+    return Budget(tasks=toy.BENCHMARK_TASKS)
+
+
+def quick_budget(tasks: tuple[str, ...]) -> Budget:
+    return Budget(tasks=tasks[:1], n_train=64, max_steps=6, n_val=8, n_test=16, seeds=(0, 1))
+
+
+def rates(label: str, quick: bool) -> tuple[float, ...]:
+    grid = FULL_RATES if METHODS[label]["adapter"] == "full" else ADAPTER_RATES
+    return grid[1:] if quick else grid
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+# -- one run (in a worker process) ----------------------------------------------------------------------------------
+def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Path, work: Path) -> dict[str, Any]:
+    """Train one method once and score it on the validation and test problems; cached as JSON under ``out``."""
+    path = out / "quality_text_runs" / task / _slug(label) / f"lr{lr:g}-seed{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    os.environ["TQDM_DISABLE"] = "1"  # a worker process: only the parent's bar over the runs
+    import torch
+
+    from nara_diffusion.text import FinetuneConfig, run_finetune
+    from nara_diffusion.toy import text as toy
+
+    torch.set_num_threads(1)
+    run_dir = work / task / _slug(label) / f"lr{lr:g}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_file = run_dir / "train.json"
+    n_train = budget.n_train or toy.BENCHMARK_TRAIN_SIZE[task]
+    train_file.write_text(json.dumps(toy.train_records([task], n_train, seed=0)))
+    config = FinetuneConfig(
+        **{
+            **toy.FINETUNE_DEFAULTS,
+            **METHODS[label],
+            "learning_rate": lr,
+            "max_steps": budget.max_steps,
+            "max_length": budget.max_length,
+            "model": str(TOY),
+            "dataset": str(train_file),
+            "seed": seed,
+            "output_dir": str(run_dir / "run"),
+            "report_to": "none",
+        }
+    )
+    start = time.time()
+    result = run_finetune(config)
+    minutes = (time.time() - start) / 60
+    model, tokenizer = _load(result.final_dir, METHODS[label]["adapter"])
+    record: dict[str, Any] = {
+        "task": task,
+        "method": label,
+        "learning_rate": lr,
+        "seed": seed,
+        "trainable_parameters": trainable_parameters(result.final_dir),
+        "train_minutes": round(minutes, 2),
+        "budget": {k: v for k, v in vars(budget).items() if k not in ("tasks", "seeds")} | {"n_train": n_train},
+    }
+    for split, records in (
+        ("validation", toy.validation_records(task, budget.n_val)),
+        ("test", toy.test_records(task, budget.n_test)),
+    ):
+        scored = score(model, tokenizer, records, budget)
+        record[f"{split}_accuracy"] = scored.accuracy
+        record[f"{split}_correct"] = "".join("1" if r["correct"] else "0" for r in scored.records)
+    if label in PROFILED:
+        record["profile_answer"] = profile(model, tokenizer, task, budget, "answer")
+        record["profile_all"] = profile(model, tokenizer, task, budget, "all")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+def _load(folder: Path, adapter: str) -> tuple[Any, Any]:
+    from nara_diffusion.text import load_for_inference
+    from nara_diffusion.text.loading import load_adapter
+
+    if adapter == "full":
+        return load_for_inference(str(folder))
+    base, tokenizer = load_for_inference(None, str(TOY))
+    return load_adapter(base, folder).eval(), tokenizer
+
+
+def score(model: Any, tokenizer: Any, records: list[dict], budget: Budget) -> Any:
+    """Exact-answer accuracy at the trained answer length: one block, one token per step, greedy."""
+    from nara_diffusion.text.scoring import evaluate_generation
+
+    gen = answer_positions(budget, tokenizer)
+    return evaluate_generation(
+        model, tokenizer, records, kind="exact", batch_size=100, gen_length=gen, steps=gen, block_length=gen
+    )
+
+
+def answer_positions(budget: Budget, tokenizer: Any) -> int:
+    """The answer positions the toy fine-tunes train (max_length minus the toy prompt's length)."""
+    from nara_diffusion.text.data import to_prompt_answer, tokenize_sft
+    from nara_diffusion.toy import text as toy
+
+    probe = tokenize_sft(
+        tokenizer, to_prompt_answer(toy.test_records(budget.tasks[0], 1)), max_length=budget.max_length
+    )
+    return budget.max_length - int(probe.prompt_lengths[0])
+
+
+def profile(model: Any, tokenizer: Any, task: str, budget: Budget, tokens: str) -> list[float]:
+    """Loss at each t of `TS` on the test problems (``tokens="answer"``: answer tokens only; ``"all"``: the ELBO)."""
+    import torch
+
+    from nara_diffusion.text.data import to_prompt_answer, tokenize_sft
+    from nara_diffusion.text.noise_profile import noise_profile
+    from nara_diffusion.toy import text as toy
+
+    data = tokenize_sft(
+        tokenizer, to_prompt_answer(toy.test_records(task, budget.n_test)), max_length=budget.max_length
+    )
+    with torch.no_grad():
+        return noise_profile(model, data, TS, batch_size=100, tokens=tokens).tolist()
+
+
+def trainable_parameters(folder: Path) -> int:
+    """Parameters in the saved weights of a run (adapter, noise-bin set or full model); NaRA's fixed Fourier
+    features (``…fourier.W``, a saved buffer) are not counted."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".W"))
+    return total
+
+
+def base_record(task: str, budget: Budget, out: Path) -> dict[str, Any]:
+    """The base model's test accuracy and profiles (cached like a run)."""
+    path = out / "quality_text_runs" / task / "base.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    os.environ["TQDM_DISABLE"] = "1"
+    import torch
+
+    from nara_diffusion.text import load_for_inference
+    from nara_diffusion.toy import text as toy
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_for_inference(None, str(TOY))
+    scored = score(model, tokenizer, toy.test_records(task, budget.n_test), budget)
+    record = {
+        "task": task,
+        "test_accuracy": scored.accuracy,
+        "test_correct": "".join("1" if r["correct"] else "0" for r in scored.records),
+        "profile_answer": profile(model, tokenizer, task, budget, "answer"),
+        "profile_all": profile(model, tokenizer, task, budget, "all"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# -- the protocol ---------------------------------------------------------------------------------------------------
+def run_protocol(labels: list[str], budget: Budget, out: Path, work: Path, jobs: int, quick: bool) -> dict:
+    """Sweep, then seeds, for every task × method; returns ``{task: {label: [records at the chosen rate]}}``."""
+    from tqdm.auto import tqdm
+
+    sweep = [(t, m, lr, budget.seeds[0]) for t in budget.tasks for m in labels for lr in rates(m, quick)]
+    total = len(sweep) + len(budget.tasks) * len(labels) * (len(budget.seeds) - 1)
+    bar = tqdm(total=total, desc="runs", unit="run")
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        bases = [pool.submit(base_record, t, budget, out) for t in budget.tasks]
+        swept = _gather(pool, sweep, budget, out, work, bar)
+        chosen = {
+            (t, m): _choose([swept[(t, m, lr, budget.seeds[0])] for lr in rates(m, quick)])
+            for t in budget.tasks
+            for m in labels
+        }
+        rest = [(t, m, chosen[(t, m)], s) for t in budget.tasks for m in labels for s in budget.seeds[1:]]
+        done = {**swept, **_gather(pool, rest, budget, out, work, bar)}
+        for b in bases:
+            b.result()
+    bar.close()
+    results: dict[str, Any] = {
+        t: {m: [done[(t, m, chosen[(t, m)], s)] for s in budget.seeds] for m in labels} for t in budget.tasks
+    }
+    results["_sweeps"] = {
+        f"{t}|{m}": [swept[(t, m, lr, budget.seeds[0])] for lr in rates(m, quick)] for t in budget.tasks for m in labels
+    }
+    return results
+
+
+def _gather(pool: Any, keys: list[tuple], budget: Budget, out: Path, work: Path, bar: Any) -> dict[tuple, dict]:
+    futures = {pool.submit(run_one, *key, budget, out, work): key for key in keys}
+    results = {}
+    for future in cf.as_completed(futures):
+        key = futures[future]
+        results[key] = future.result()
+        bar.set_postfix_str(f"{key[0]} {key[1]} lr {key[2]:g} seed {key[3]}: {results[key]['test_accuracy']:.1%}")
+        bar.update()
+    return results
+
+
+def _choose(sweep: list[dict]) -> float:
+    """The learning rate with the best validation accuracy (ties: the smaller rate)."""
+    best = max(sweep, key=lambda r: (r["validation_accuracy"], -r["learning_rate"]))
+    return best["learning_rate"]
+
+
+# -- tables and the plot --------------------------------------------------------------------------------------------
+def _bits(s: str) -> list[float]:
+    return [float(c) for c in s]
+
+
+def tables(results: dict, budget: Budget, out: Path) -> str:
+    """The Markdown report: per task, the accuracy table and the answer-token gain by noise level."""
+    sweeps = results["_sweeps"]
+    parts = []
+    summary: dict[str, Any] = {"budget": vars(budget) | {"tasks": list(budget.tasks)}, "ts": TS, "tasks": {}}
+    for task in budget.tasks:
+        base = json.loads((out / "quality_text_runs" / task / "base.json").read_text())
+        runs = results[task]
+        ref = [_bits(r["test_correct"]) for r in runs.get(REFERENCE, [])]
+        header = ["method", "trainable params", "lr (val. acc. % per rate)", "test acc. % mean ± std [95% CI]",
+                  "per seed", f"Δ vs {REFERENCE} [95% CI]"]  # fmt: skip
+        rows = [[BASE, "0", "–", f"{100 * base['test_accuracy']:.1f}", "–", "–"]]
+        task_summary: dict[str, Any] = {}
+        for label, records in runs.items():
+            accs = [r["test_accuracy"] for r in records]
+            s = _stats.summarize(accs)
+            sweep = sweeps[f"{task}|{label}"]
+            chosen = records[0]["learning_rate"]
+            grid = ", ".join(
+                f"{'**' if r['learning_rate'] == chosen else ''}{r['learning_rate']:g}: "
+                f"{100 * r['validation_accuracy']:.0f}{'**' if r['learning_rate'] == chosen else ''}"
+                for r in sweep
+            )
+            diff = "–"
+            if ref and label != REFERENCE:
+                diff = _stats.paired_bootstrap([_bits(r["test_correct"]) for r in records], ref).pct()
+            rows.append([label, f"{records[0]['trainable_parameters']:,}", grid, s.pct(),
+                         " / ".join(f"{100 * a:.1f}" for a in accs), diff])  # fmt: skip
+            task_summary[label] = {"accuracy": accs, "summary": vars(s), "learning_rate": chosen,
+                                   "sweep": {r["learning_rate"]: r["validation_accuracy"] for r in sweep}}  # fmt: skip
+        parts.append(f"### Task `{task}`\n\n" + _timing.markdown_table(header, rows))
+        gains = profile_gains(base, runs)
+        if gains:
+            parts.append(gain_table(gains))
+        summary["tasks"][task] = {"methods": task_summary, "base": base["test_accuracy"], "gains": gains}
+    plot = plot_gains(summary, out / "quality_text_profile.png")
+    (out / "quality_text.json").write_text(json.dumps(summary, indent=1))
+    return "\n\n".join(parts) + f"\n\nPlot: `{plot.name}`\n"
+
+
+def profile_gains(base: dict, runs: dict) -> dict[str, list[dict]]:
+    """Per profiled method and t: the answer-token loss reduction vs the base model, mean and 95% t-interval."""
+    gains = {}
+    for label in PROFILED:
+        if label not in runs:
+            continue
+        per_t = []
+        for i, _ in enumerate(TS):
+            values = [base["profile_answer"][i] - r["profile_answer"][i] for r in runs[label]]
+            per_t.append(vars(_stats.summarize(values)))
+        gains[label] = per_t
+    return gains
+
+
+def gain_table(gains: dict[str, list[dict]]) -> str:
+    header = ["answer-token loss reduction vs base (nats), mean [95% CI]", *(f"t={t:g}" for t in TS)]
+    rows = [[label, *(f"{g['mean']:.2f} [{g['low']:.2f}, {g['high']:.2f}]" for g in per_t)]
+            for label, per_t in gains.items()]  # fmt: skip
+    return _timing.markdown_table(header, rows)
+
+
+def plot_gains(summary: dict, path: Path) -> Path:
+    """One panel per task: each profiled method's answer-token loss reduction over the base by t, with 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for k, (label, per_t) in enumerate(summary["tasks"][task]["gains"].items()):
+            xs = [t + (k - 1) * 0.012 for t in TS]  # a small offset so that the intervals do not hide each other
+            mean = [g["mean"] for g in per_t]
+            err = [[g["mean"] - g["low"] for g in per_t], [g["high"] - g["mean"] for g in per_t]]
+            ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=label)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(xlabel="noise level t (fraction of answer positions masked)",
+               ylabel="loss reduction vs base (nats / answer token)", title=f"toy task '{task}'")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend()
+    seeds = len(summary["budget"]["seeds"])
+    fig.suptitle(f"Where along t does fine-tuning help? (mean of {seeds} seeds, 95% CI)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "benchmarks" / "results", help="tables and runs")
+    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "quality_text", help="trained models")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
+    parser.add_argument("--methods", default=None, help=f"comma-separated labels (default: all of {list(METHODS)})")
+    parser.add_argument("--tasks", default=None, help="comma-separated toy tasks (default: the benchmark tasks)")
+    parser.add_argument("--quick", action="store_true", help="tiny budget, one task, two seeds: a smoke test")
+    args = parser.parse_args(argv)
+    import torch
+    budget = full_budget()
+    if args.tasks:
+        budget = Budget(tasks=tuple(t.strip() for t in args.tasks.split(",")))
+    labels = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(labels) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if args.quick:
+        budget = quick_budget(budget.tasks)
+        if args.output_dir == parser.get_default("output_dir"):
+            args.output_dir = args.output_dir / "quick"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    print(_timing.machine_line(torch.device("cpu")), flush=True)
+    start = time.time()
+    results = run_protocol(labels, budget, args.output_dir, args.work_dir, args.jobs, args.quick)
+    report = tables(results, budget, args.output_dir)
+    (args.output_dir / "quality_text.md").write_text(report)
+    print(report)
+    print(f"{(time.time() - start) / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
