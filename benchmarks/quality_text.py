@@ -335,51 +335,69 @@ def tables(results: dict, budget: Budget, out: Path) -> str:
     return "\n\n".join(parts) + f"\n\nPlot: `{plot.name}`\n"
 
 
-def profile_gains(base: dict, runs: dict) -> dict[str, list[dict]]:
-    """Per profiled method and t: the answer-token loss reduction vs the base model, mean and 95% t-interval."""
-    gains = {}
+def profile_gains(base: dict, runs: dict) -> dict[str, dict[str, list[dict]]]:
+    """Per profiled method and t, the answer-token loss reduction (mean and 95% t-interval over seeds) vs the base
+    model (``"base"``) and, paired by seed, vs LoRA (``"lora"``: positive where the method's loss is lower)."""
+    gains: dict[str, dict[str, list[dict]]] = {}
+    ref = runs.get(REFERENCE)
     for label in PROFILED:
         if label not in runs:
             continue
-        per_t = []
-        for i, _ in enumerate(TS):
-            values = [base["profile_answer"][i] - r["profile_answer"][i] for r in runs[label]]
-            per_t.append(vars(_stats.summarize(values)))
-        gains[label] = per_t
+        recs = runs[label]
+        gains[label] = {
+            "base": [vars(_stats.summarize([base["profile_answer"][i] - r["profile_answer"][i] for r in recs]))
+                     for i in range(len(TS))],
+        }  # fmt: skip
+        if ref is not None and label != REFERENCE:
+            pairs = list(zip(ref, recs, strict=True))
+            gains[label]["lora"] = [
+                vars(_stats.summarize([a["profile_answer"][i] - b["profile_answer"][i] for a, b in pairs]))
+                for i in range(len(TS))
+            ]
     return gains
 
 
-def gain_table(gains: dict[str, list[dict]]) -> str:
-    header = ["answer-token loss reduction vs base (nats), mean [95% CI]", *(f"t={t:g}" for t in TS)]
-    rows = [[label, *(f"{g['mean']:.2f} [{g['low']:.2f}, {g['high']:.2f}]" for g in per_t)]
-            for label, per_t in gains.items()]  # fmt: skip
+def gain_table(gains: dict[str, dict[str, list[dict]]]) -> str:
+    header = ["answer-token loss reduction (nats), mean [95% CI]", *(f"t={t:g}" for t in TS)]
+    rows = []
+    for versus, name in (("base", "vs base"), ("lora", f"vs {REFERENCE}")):
+        for label, per in gains.items():
+            if versus in per:
+                cells = [f"{g['mean']:.2f} [{g['low']:.2f}, {g['high']:.2f}]" for g in per[versus]]
+                rows.append([f"{label} {name}", *cells])
     return _timing.markdown_table(header, rows)
 
 
 def plot_gains(summary: dict, path: Path) -> Path:
-    """One panel per task: each profiled method's answer-token loss reduction over the base by t, with 95% CIs."""
+    """Per task (columns): each profiled method's answer-token loss reduction by t over the base model (top) and over
+    LoRA (bottom, paired by seed), with 95% t-intervals over the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(summary["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for k, (label, per_t) in enumerate(summary["tasks"][task]["gains"].items()):
-            xs = [t + (k - 1) * 0.012 for t in TS]  # a small offset so that the intervals do not hide each other
-            mean = [g["mean"] for g in per_t]
-            err = [[g["mean"] - g["low"] for g in per_t], [g["high"] - g["mean"] for g in per_t]]
-            ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=label)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set(xlabel="noise level t (fraction of answer positions masked)",
-               ylabel="loss reduction vs base (nats / answer token)", title=f"toy task '{task}'")  # fmt: skip
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.5), squeeze=False)
+    colors = {label: f"C{i}" for i, label in enumerate(PROFILED)}
+    for col, task in enumerate(tasks):
+        for row, (versus, what) in enumerate((("base", "the base model"), ("lora", REFERENCE))):
+            ax = axes[row, col]
+            for k, (label, per) in enumerate(summary["tasks"][task]["gains"].items()):
+                if versus not in per:
+                    continue
+                xs = [t + (k - 1) * 0.012 for t in TS]  # a small offset so that the intervals do not hide each other
+                mean = [g["mean"] for g in per[versus]]
+                err = [[g["mean"] - g["low"] for g in per[versus]], [g["high"] - g["mean"] for g in per[versus]]]
+                ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=label, color=colors[label])
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+            ax.set(xlabel="noise level t (fraction of answer positions masked)",
+                   ylabel="nats / answer token", title=f"'{task}': loss reduction vs {what}")  # fmt: skip
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     seeds = len(summary["budget"]["seeds"])
-    fig.suptitle(f"Where along t does fine-tuning help? (mean of {seeds} seeds, 95% CI)", fontsize=10)
+    fig.suptitle(f"Answer-token loss by noise level: where fine-tuning helps (mean of {seeds} seeds, 95% CI)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -394,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny budget, one task, two seeds: a smoke test")
     args = parser.parse_args(argv)
     import torch
+
     budget = full_budget()
     if args.tasks:
         budget = Budget(tasks=tuple(t.strip() for t in args.tasks.split(",")))
