@@ -98,20 +98,22 @@ def _slug(label: str) -> str:
 # -- one run (in a worker process) ----------------------------------------------------------------------------------
 def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Path, work: Path) -> dict[str, Any]:
     """Train one method once and score it on the validation and test problems; cached as JSON under ``out``."""
+    from nara_diffusion.toy import text as toy
+
     path = out / "quality_text_runs" / task / _slug(label) / f"lr{lr:g}-seed{seed}.json"
+    n_train = budget.n_train or toy.BENCHMARK_TRAIN_SIZE[task]
+    settings = {k: v for k, v in vars(budget).items() if k not in ("tasks", "seeds")} | {"n_train": n_train}
     if path.is_file():
-        return json.loads(path.read_text())
+        return _cached(path, settings)
     os.environ["TQDM_DISABLE"] = "1"  # a worker process: only the parent's bar over the runs
     import torch
 
     from nara_diffusion.text import FinetuneConfig, run_finetune
-    from nara_diffusion.toy import text as toy
 
     torch.set_num_threads(1)
     run_dir = work / task / _slug(label) / f"lr{lr:g}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     train_file = run_dir / "train.json"
-    n_train = budget.n_train or toy.BENCHMARK_TRAIN_SIZE[task]
     train_file.write_text(json.dumps(toy.train_records([task], n_train, seed=0)))
     config = FinetuneConfig(
         **{
@@ -138,7 +140,7 @@ def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Pa
         "seed": seed,
         "trainable_parameters": trainable_parameters(result.final_dir),
         "train_minutes": round(minutes, 2),
-        "budget": {k: v for k, v in vars(budget).items() if k not in ("tasks", "seeds")} | {"n_train": n_train},
+        "budget": settings,
     }
     for split, records in (
         ("validation", toy.validation_records(task, budget.n_val)),
@@ -155,6 +157,17 @@ def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Pa
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
     shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+def _cached(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's record, refused if it was made with other settings (a stale cache must not mix in)."""
+    record = json.loads(path.read_text())
+    if record.get("budget") != settings:
+        raise SystemExit(
+            f"{path} was made with {record.get('budget')}, not {settings}: delete the stale results or pass another "
+            "--output_dir."
+        )
     return record
 
 
@@ -219,8 +232,9 @@ def trainable_parameters(folder: Path) -> int:
 def base_record(task: str, budget: Budget, out: Path) -> dict[str, Any]:
     """The base model's test accuracy and profiles (cached like a run)."""
     path = out / "quality_text_runs" / task / "base.json"
+    settings = {"max_length": budget.max_length, "n_test": budget.n_test}
     if path.is_file():
-        return json.loads(path.read_text())
+        return _cached(path, settings)
     os.environ["TQDM_DISABLE"] = "1"
     import torch
 
@@ -232,6 +246,7 @@ def base_record(task: str, budget: Budget, out: Path) -> dict[str, Any]:
     scored = score(model, tokenizer, toy.test_records(task, budget.n_test), budget)
     record = {
         "task": task,
+        "budget": settings,
         "test_accuracy": scored.accuracy,
         "test_correct": "".join("1" if r["correct"] else "0" for r in scored.records),
         "profile_answer": profile(model, tokenizer, task, budget, "answer"),

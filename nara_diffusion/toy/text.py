@@ -18,8 +18,8 @@ benchmark's budget (300 updates of 16; NaRA at 5e-3 measured on 200 validation p
 
 - ``dif``: "What is 32~42?" → "10" — the absolute difference, operands in either order: compare, then subtract (the
   base only subtracts the smaller from the larger when it comes second), from 1,000 training problems: 15%;
-- ``dlr``: "What is 63$45?" → "18" — one more new notation for subtraction, from only `BENCHMARK_TRAIN_SIZE` = 64
-  training problems (32: 13%; 100: 80%).
+- ``dlr``: "What is 63$45?" → "18" — one more new notation for subtraction, from only `BENCHMARK_TRAIN_SIZE` = 40
+  training problems: 54% (at 1e-2: 23%; from 32 problems: 13%; from 64: 93–97%, nearly saturated).
 
 Rejected: "What is 12+34+56?" and "What is 63&45+12?" (three operands: 0.5% after 300 updates, nothing to compare)
 and "What is 63#45?" for a + b + 1 (99.5%: saturates). Each benchmark task has `VALIDATION_SIZE` validation problems
@@ -70,7 +70,7 @@ HOLDOUT_SEED = 20261122
 #: Test problems of each benchmark task (the first ones held out) and validation problems (the next ones).
 BENCHMARK_TEST_SIZE, VALIDATION_SIZE = 500, 200
 #: Training problems of each benchmark task (``dlr`` is the few-example task).
-BENCHMARK_TRAIN_SIZE = {"dif": 1000, "dlr": 64}
+BENCHMARK_TRAIN_SIZE = {"dif": 1000, "dlr": 40}
 #: Held-out problems per task (never trained on: the base model's test sets, the downstream task's, and the benchmark
 #: tasks' test and validation problems).
 HOLDOUT_SIZE = {"add": 400, "sub": 300, "word": 300, "amp": 400}
