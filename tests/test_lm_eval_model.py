@@ -123,6 +123,11 @@ def test_the_model_loads_the_adapter_and_refuses_unknown_arguments(tiny):
         NaRALLaDA(pretrained=str(tiny / "base"), temprature=0.5)
     with pytest.raises(NotImplementedError, match="masked diffusion"):
         lm.loglikelihood_rolling([])
+    assert lm.gen_kwargs["cache"] is None
+    fast = NaRALLaDA.create_from_arg_string(f"pretrained={tiny / 'base'},dtype=float32,cache=dual,threshold=0.9")
+    assert (fast.gen_kwargs["cache"], fast.gen_kwargs["threshold"]) == ("dual", 0.9)
+    with pytest.raises(ValueError, match="cache must be"):
+        NaRALLaDA(pretrained=str(tiny / "base"), dtype="float32", cache="full")
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 from nara_diffusion.text.data import encode_prompts
 from nara_diffusion.text.loading import load_for_inference
 from nara_diffusion.text.prompting import generate_texts
-from nara_diffusion.text.sampler import NOISE_RULES, REMASKING
+from nara_diffusion.text.sampler import CACHE_MODES, NOISE_RULES, REMASKING
 from nara_diffusion.text.trained_sampling import sampler_settings
 
 
@@ -43,6 +43,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise_rule", choices=NOISE_RULES, default="generation", help="λ for NaRA adapters")
     group.add_argument("--till_eos", choices=("auto", "true", "false"), default="auto", help="auto: on for NaRA")
     group.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding")
+    group.add_argument(
+        "--cache",
+        choices=("none", *CACHE_MODES),
+        default="none",
+        help="block-wise K/V cache (Fast-dLLM): prefix (prompt and finished blocks) or dual (also the suffix)",
+    )
     group.add_argument("--batch_size", type=int, default=8, help="prompts per sampler batch")
     group.add_argument("--seed", type=int, default=0, help="seed of the sampler's randomness")
 
@@ -64,6 +70,7 @@ def sampler_kwargs(args: argparse.Namespace, model: torch.nn.Module, default_len
         "noise_rule": args.noise_rule,
         "till_eos": {"auto": None, "true": True, "false": False}[args.till_eos],
         "threshold": args.threshold,
+        "cache": None if args.cache == "none" else args.cache,
         "generator": torch.Generator().manual_seed(args.seed),
     }
 

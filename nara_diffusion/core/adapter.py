@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -41,6 +43,7 @@ class NoiseConditionedAdapter(nn.Module):
         self._core: Optional[torch.Tensor] = None
         self._core_for_backward: Optional[torch.Tensor] = None
         self._active = False
+        self._memo: Optional[dict[float, torch.Tensor]] = None
 
     @property
     def needs_noise_level(self) -> bool:
@@ -72,8 +75,40 @@ class NoiseConditionedAdapter(nn.Module):
             return None
         if self.kind == "constant":
             return (self.eye + self.core_scale * self.constant.float()).unsqueeze(0)
+        if self._memo is not None and not torch.is_grad_enabled() and not self.training:
+            return self._memoized(lam)
         deviation = self.generator(self.embedding(lam)).float().view(-1, self.r, self.r)
         return self.eye + self.core_scale * deviation
+
+    @contextlib.contextmanager
+    def memoized_cores(self) -> Iterator[None]:
+        """Inside, C(λ) is computed once per distinct λ value and looked up afterwards, while no gradient is recorded
+        and the adapter is in eval mode (elsewhere it is computed as usual).
+
+        A sampler's λ takes few values (``k / gen_length``), so this takes the hypernetwork off its per-step path.
+        Each value's core is computed from that value alone (a batch of one), so it is the same bits whichever other
+        λ share the batch, and a forward whose λ values are all known runs no hypernetwork at all. Costs one host
+        sync per forward (the λ values are read). Not re-entrant: an inner use keeps the outer table.
+        """
+        if self._memo is not None:
+            yield
+            return
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
+    def _memoized(self, lam: torch.Tensor) -> torch.Tensor:
+        """``[B, r, r]`` cores for ``lam`` ``[B]`` from the table, computing each new value alone."""
+        values = lam.tolist()
+        for i, value in enumerate(values):
+            if value not in self._memo:
+                deviation = self.generator(self.embedding(lam[i : i + 1])).float().view(self.r, self.r)
+                self._memo[value] = self.eye + self.core_scale * deviation
+        if len(values) == 1:
+            return self._memo[values[0]].unsqueeze(0)
+        return torch.stack([self._memo[value] for value in values])
 
     # -- per-forward state, driven by the model-level hooks -------------------------------------------------
     def begin_forward(self, noise_level: Optional[torch.Tensor]) -> None:
@@ -114,7 +149,7 @@ class NoiseConditionedAdapter(nn.Module):
         # Copies (deepcopy, e.g. for an EMA or a per-thread model) start idle: the per-forward core is not state,
         # and one kept for a backward is not a graph leaf, which deepcopy refuses.
         state = self.__dict__.copy()
-        state.update(_core=None, _core_for_backward=None, _active=False)
+        state.update(_core=None, _core_for_backward=None, _active=False, _memo=None)
         return state
 
     def extra_repr(self) -> str:

@@ -668,3 +668,13 @@ def noise_level(model: nn.Module, value: NoiseLevelLike) -> Iterator[None]:
         yield
     finally:
         tuner._pending_noise_level = previous
+
+
+@contextlib.contextmanager
+def memoized_cores(model: nn.Module) -> Iterator[None]:
+    """Memoise C(λ) by value in every NaRA adapter of ``model`` inside the block: exact, and effective under
+    ``torch.no_grad()`` in eval mode, e.g. while sampling (`NoiseConditionedAdapter.memoized_cores`)."""
+    with contextlib.ExitStack() as stack:
+        for noise_adapter in find_nara_tuner(model).nara_hypernet.values():
+            stack.enter_context(noise_adapter.memoized_cores())
+        yield

@@ -26,10 +26,19 @@ sin/cos computed in fp32 (and applied in fp32 when ``rope_full_precision``); the
 ``ff_out(silu(ff_proj(x)) * up_proj(x))``; attention is ``F.scaled_dot_product_attention(is_causal=False)`` with keys
 at padding positions masked out. Unlike the remote code, building a model never changes PyTorch's global SDPA backend
 flags. Only the layout LLaDA-8B uses is implemented; other OLMo options raise ``NotImplementedError``.
+
+Two additions for fast decoding (issue 17), neither of which changes the parameters, the config or training: a
+forward with ``use_cache=True`` returns the K/V of every position (`LLaDACache`), and a later forward takes them back
+(``cache=``, ``query_start=``) and runs only some positions (Fast-dLLM's prefix and dual caches; inference only).
+And a padded row whose real tokens form one run (left or right padding) is computed exactly as the row alone: RoPE
+positions counted from its first real token and attention over its real keys only (the reference rotates by absolute
+column and masks the padding keys, the same up to float32 rounding), so a batch's outputs do not depend on the other
+rows' lengths.
 """
 
 import warnings
-from typing import Any, ClassVar, Optional, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +50,21 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging
 
+from .kv_cache import LLaDACache
 from .token_ids import check_token_ids, token_ids_already_checked
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["LLaDABlock", "LLaDAConfig", "LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel", "LLaDARMSNorm"]
+__all__ = [
+    "LLaDABlock",
+    "LLaDACache",
+    "LLaDAConfig",
+    "LLaDAModel",
+    "LLaDAModelLM",
+    "LLaDAOutput",
+    "LLaDAPreTrainedModel",
+    "LLaDARMSNorm",
+]
 
 
 class LLaDAConfig(PreTrainedConfig):
@@ -59,7 +78,8 @@ class LLaDAConfig(PreTrainedConfig):
     ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` are properties over the LLaDA fields.
 
     ``use_cache`` is a declared field (default ``False``) so that ``config.use_cache`` exists on transformers 5, which
-    drops undeclared generation keys from configs. LLaDA has no KV cache; the flag is never used by the model.
+    drops undeclared generation keys from configs. The flag is never read: the model returns its K/V cache only when a
+    call passes ``use_cache=True`` (the sampler's ``cache=``), so training never builds one.
     """
 
     model_type = "llada"
@@ -240,6 +260,57 @@ def apply_rotary(
     return q_.to(q.dtype), k_.to(k.dtype)
 
 
+class _Span(NamedTuple):
+    """Rows (``[n]`` long, or None for all rows) whose real tokens are exactly columns ``first … end-1``."""
+
+    rows: Optional[torch.Tensor]
+    first: int
+    end: int
+
+
+def _spans(real: torch.Tensor) -> Optional[list[_Span]]:
+    """Group the rows of a padding mask ``real`` [B, T] bool by their run of real tokens, or None when some row's real
+    tokens are not one contiguous run (then the additive key mask is used). One host sync."""
+    count = real.sum(1)
+    first = real.int().argmax(1)
+    cols = torch.arange(real.shape[1], device=real.device)
+    runs = (cols >= first[:, None]) & (cols < (first + count)[:, None])
+    if not bool((runs == real).all()) or not bool((count > 0).all()):
+        return None
+    bounds = torch.stack([first, first + count], 1).tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, (a, b) in enumerate(bounds):
+        groups.setdefault((a, b), []).append(row)
+    if len(groups) == 1:
+        ((a, b),) = groups
+        return [_Span(None, a, b)]
+    return [_Span(torch.tensor(rows, device=real.device), a, b) for (a, b), rows in groups.items()]
+
+
+def _attend_spans(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[_Span], start: int, dropout: float
+) -> torch.Tensor:
+    """Attention in which each row sees only its own real keys, computed on exactly those keys, so that a padded row
+    gets the same numbers as the row alone (a masked key adds an exact zero, but a longer reduction may round
+    differently). ``q`` [B, H, n, hd] at positions ``start …``, ``k``/``v`` [B, H, T, hd] → [B, H, n, hd]; queries
+    outside a row's run (padding) get zeros."""
+    out = q.new_zeros(q.shape)
+    n = q.shape[2]
+    for rows, first, end in spans:
+        lo, hi = max(first - start, 0), min(end - start, n)
+        if lo >= hi:
+            continue
+        qs, ks, vs = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
+        part = F.scaled_dot_product_attention(
+            qs[:, :, lo:hi], ks[:, :, first:end], vs[:, :, first:end], dropout_p=dropout, is_causal=False
+        )
+        if rows is None:
+            out[:, :, lo:hi] = part
+        else:
+            out[rows, :, lo:hi] = part
+    return out
+
+
 class LLaDABlock(GradientCheckpointingLayer):
     """One pre-norm transformer block (the reference's ``LLaDALlamaBlock``) with bidirectional attention.
 
@@ -278,25 +349,40 @@ class LLaDABlock(GradientCheckpointingLayer):
         cos: torch.Tensor,
         sin: torch.Tensor,
         key_mask: Optional[torch.Tensor] = None,
+        spans: Optional[list[_Span]] = None,
+        past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        start: int = 0,
+        present: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
-        """``hidden_states``: [B, L, d_model]; ``cos``/``sin``: [L, head_dim] fp32; ``key_mask``: bool [B, 1, 1, L]
-        (True = attend to this key) or None (attend everywhere). Returns [B, L, d_model]."""
+        """``hidden_states``: [B, n, d_model], positions ``start … start+n-1`` of the sequence; ``cos``/``sin``: fp32
+        [n, head_dim] or per row [B, 1, n, head_dim]. Keys: either ``key_mask`` bool [B, 1, 1, T] (True = attend) or
+        ``spans`` (each row attends to its one contiguous run of real tokens, see `_spans`) or neither (attend
+        everywhere). ``past``: cached (keys, values) [B, n_kv_heads, T_c, head_dim] after RoPE; the keys are the
+        cached ones before ``start``, the fresh ones, then the cached ones after ``start + n``. ``present``: if given,
+        this layer's (keys, values) over the whole sequence are appended to it. Returns [B, n, d_model]."""
         bsz, seq_len, _ = hidden_states.shape
         h = self.attn_norm(hidden_states)
         q = self.q_proj(h).view(bsz, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin, self.rope_full_precision)
+        if past is not None:
+            k = torch.cat([past[0][:, :, :start], k, past[0][:, :, start + seq_len :]], dim=2)
+            v = torch.cat([past[1][:, :, :start], v, past[1][:, :, start + seq_len :]], dim=2)
+        if present is not None:
+            present.append((k, v))
         if self.n_kv_heads != self.n_heads:  # GQA: query head i reads key/value head i // (n_heads / n_kv_heads)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        bias = None
-        if key_mask is not None:  # additive bias with a finite minimum, as the reference: no NaN on all-pad rows
-            bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)
-        attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=False
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        if spans is not None:
+            attn = _attend_spans(q, k, v, spans, start, dropout)
+        else:
+            bias = None
+            if key_mask is not None:  # additive bias with a finite minimum, as the reference: no NaN on all-pad rows
+                bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=False)
         attn = attn.transpose(1, 2).reshape(bsz, seq_len, self.n_heads * self.head_dim)
         hidden_states = hidden_states + self.dropout(self.attn_out(attn))
 
@@ -331,9 +417,14 @@ class LLaDAModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """Returns the normalised last hidden state [B, L, d_model] and, if asked, the hidden states: the input of
-        each block, then the final normalised state (n_layers + 1 tensors of [B, L, d_model], as the reference).
+        cache: Optional[LLaDACache] = None,
+        use_cache: bool = False,
+        query_start: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]], Optional[LLaDACache]]:
+        """Returns the normalised last hidden state [B, n, d_model], if asked the hidden states (the input of each
+        block, then the final normalised state: n_layers + 1 tensors of [B, n, d_model], as the reference) and, with
+        ``use_cache``, the K/V of every position of the sequence (`LLaDACache`). See `LLaDAModelLM.forward` for the
+        cache arguments and the attention mask.
 
         ``input_ids`` on the CPU outside [0, vocab_size) raise a ValueError naming them (one min/max reduction).
         Not checked: ids on an accelerator (the check would cost a host sync per forward; `generate`,
@@ -353,27 +444,79 @@ class LLaDAModel(nn.Module):
             x = x * (self.config.d_model**0.5)
         x = self.transformer["emb_drop"](x)
         bsz, seq_len = x.shape[:2]
+        start, total = self._check_cache(cache, query_start, bsz, seq_len)
 
-        key_mask = None
+        key_mask, spans, first = None, None, None
         if attention_mask is not None:
-            if attention_mask.shape != (bsz, seq_len):
+            if attention_mask.shape != (bsz, total):
                 raise ValueError(
-                    f"attention_mask must be [B, L] = {(bsz, seq_len)}, got {tuple(attention_mask.shape)}."
+                    f"attention_mask must be [B, L] = {(bsz, total)} (L: the whole sequence, cached positions "
+                    f"included), got {tuple(attention_mask.shape)}."
                 )
-            if not bool(attention_mask.bool().all()):  # all ones: no mask at all, so SDPA may use flash kernels
-                key_mask = attention_mask.bool()[:, None, None, :]
+            real = attention_mask.bool()
+            if not bool(real.all()):  # all ones: no mask at all, so SDPA may use flash kernels
+                spans = _spans(real)
+                if spans is None:
+                    key_mask = real[:, None, None, :]
+                elif any(span.first for span in spans):
+                    first = real.int().argmax(1)
 
         head_dim = self.config.d_model // self.config.n_heads
-        cos, sin = rotary_cos_sin(seq_len, head_dim, float(self.config.rope_theta), x.device)
+        cos, sin = rotary_cos_sin(total, head_dim, float(self.config.rope_theta), x.device)
+        if first is None:
+            cos, sin = cos[start : start + seq_len], sin[start : start + seq_len]
+        else:  # left padding: each row's real tokens at positions 0, 1, … as they would be alone (RoPE is relative)
+            pos = (torch.arange(start, start + seq_len, device=x.device)[None] - first[:, None]).clamp(min=0)
+            cos, sin = cos[pos][:, None], sin[pos][:, None]
         all_hidden = [] if output_hidden_states else None
-        for block in self.transformer["blocks"]:
+        present: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = [] if use_cache else None
+        for i, block in enumerate(self.transformer["blocks"]):
             if all_hidden is not None:
                 all_hidden.append(x)
-            x = block(x, cos, sin, key_mask)
+            past = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, cos, sin, key_mask, spans=spans, past=past, start=start, present=present)
         x = self.transformer["ln_f"](x)
         if all_hidden is not None:
             all_hidden.append(x)
-        return x, (tuple(all_hidden) if all_hidden is not None else None)
+        new_cache = None if present is None else LLaDACache([k for k, _ in present], [v for _, v in present])
+        return x, (tuple(all_hidden) if all_hidden is not None else None), new_cache
+
+    def _check_cache(
+        self, past: Optional[LLaDACache], query_start: Optional[int], bsz: int, seq_len: int
+    ) -> tuple[int, int]:
+        """(first position of the input, length of the whole sequence), after checking the cache arguments."""
+        if past is not None and self.training and torch.is_grad_enabled():
+            raise ValueError(
+                "LLaDA's KV cache is for inference (its K/V are an approximation under bidirectional attention): "
+                "call model.eval() or run under torch.no_grad(), or drop use_cache / cache."
+            )
+        if past is None:
+            if query_start not in (None, 0):
+                raise ValueError(f"query_start={query_start} needs a cache (the K/V of the other positions).")
+            return 0, seq_len
+        if not isinstance(past, LLaDACache):
+            raise ValueError(
+                f"cache must be an LLaDACache (from a forward with use_cache=True), got {type(past).__name__}."
+            )
+        start = past.length if query_start is None else int(query_start)
+        if len(past) != self.config.n_layers or past.batch_size != bsz:
+            raise ValueError(
+                f"The cache holds {len(past)} layers × batch {past.batch_size}; this call needs "
+                f"{self.config.n_layers} × {bsz}."
+            )
+        if not 0 <= start <= past.length or not (past.length == start or past.length >= start + seq_len):
+            raise ValueError(
+                f"query_start={start} with {seq_len} input positions does not fit a cache of {past.length} positions: "
+                "the cache must end where the input starts (prefix) or cover the input (dual)."
+            )
+        return start, max(past.length, start + seq_len)
+
+
+@dataclass
+class LLaDAOutput(MaskedLMOutput):
+    """`MaskedLMOutput` plus ``cache``, the `LLaDACache` of a call with ``use_cache=True``."""
+
+    cache: Optional[LLaDACache] = None
 
 
 class LLaDAPreTrainedModel(PreTrainedModel):
@@ -433,8 +576,11 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         logits_positions: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        cache: Optional[LLaDACache] = None,
+        use_cache: Optional[bool] = None,
+        query_start: Optional[int] = None,
         **kwargs: Any,
-    ) -> Union[MaskedLMOutput, tuple]:
+    ) -> Union[LLaDAOutput, tuple]:
         """Bidirectional forward pass.
 
         Args:
@@ -446,15 +592,32 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
                 with ``N = logits_positions.sum()``, rows in the order of ``logits_positions.nonzero()`` (that is,
                 ``full_logits[logits_positions]``). Training uses this to avoid full-vocabulary logits.
             output_hidden_states: also return the input of every block and the final normalised hidden state.
-            return_dict: return a `MaskedLMOutput` (default) or a tuple.
-            **kwargs: ``use_cache``, ``labels`` and other trainer keywords are accepted and ignored (``labels`` with a
-                warning: no loss is computed here). A KV cache, ``position_ids``, an ``attention_bias`` and
-                ``output_attentions`` are not supported and raise.
+            return_dict: return a `LLaDAOutput` (default) or a tuple.
+            cache: an `LLaDACache` [B, …, T_c, …] from an earlier call with ``use_cache=True`` (inference
+                only). ``input_ids`` [B, n] are then positions ``query_start … query_start+n-1`` of the sequence, and
+                they attend to the cached K/V before ``query_start``, to their own fresh K/V and to the cached K/V
+                after ``query_start + n``: the cache either ends at ``query_start`` (Fast-dLLM's prefix cache) or
+                covers the input (its dual cache). ``attention_mask`` and ``logits_positions`` then cover the whole
+                sequence [B, T] and the input [B, n] respectively. With fresh K/V (those a full forward of the same
+                sequence computes) the result equals the full forward's at these positions up to float32 rounding;
+                LLaDA attends both ways, so K/V cached before the other positions changed are an approximation.
+            use_cache: also return ``cache``, the K/V of every position (cached ones included). Ignored
+                while training with gradients (a trainer's ``use_cache=True`` changes nothing).
+            query_start: first position of the input when ``cache`` is given; default: the cache's length.
+            **kwargs: ``past_key_values`` is read as ``cache`` (the older transformers name); ``labels`` and
+                other trainer keywords are accepted and ignored (``labels`` with a warning: no loss is computed
+                here). ``position_ids``, an ``attention_bias`` and ``output_attentions`` are not supported and raise.
+
+        A left-padded row (or any row whose real tokens are one contiguous run) is computed as if it were alone: its
+        tokens take RoPE positions 0, 1, … and attention runs over its real keys only. RoPE is relative, so this is
+        the reference's result (which rotates padded rows by absolute positions) up to float32 rounding, and it
+        makes a batch's tokens independent of the other rows' lengths.
 
         Returns:
-            `MaskedLMOutput` with ``logits`` [B, L, V] (or [N, V]), V = ``embedding_size``, and ``hidden_states``.
+            `LLaDAOutput` with ``logits`` [B, L, V] (or [N, V]), V = ``embedding_size``, ``hidden_states`` and, with
+            ``use_cache``, ``cache``.
         """
-        for name in ("past_key_values", "position_ids", "attention_bias", "output_attentions"):
+        for name in ("position_ids", "attention_bias", "output_attentions"):
             if kwargs.get(name) not in (None, False):
                 raise ValueError(f"LLaDA does not support `{name}`.")
         if kwargs.get("labels") is not None:
@@ -464,7 +627,12 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        hidden, all_hidden = self.model(input_ids, attention_mask, inputs_embeds, output_hidden_states)
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        use_cache = bool(use_cache) and not (self.training and torch.is_grad_enabled())
+        hidden, all_hidden, new_cache = self.model(
+            input_ids, attention_mask, inputs_embeds, output_hidden_states, cache, use_cache, query_start
+        )
         if logits_positions is not None:
             if logits_positions.dtype != torch.bool or logits_positions.shape != hidden.shape[:2]:
                 raise ValueError(f"logits_positions must be a bool tensor of shape {tuple(hidden.shape[:2])}.")
@@ -476,7 +644,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         if self.config.scale_logits:
             logits = logits * (self.config.d_model**-0.5)
 
-        output = MaskedLMOutput(logits=logits, hidden_states=all_hidden)
+        output = LLaDAOutput(logits=logits, hidden_states=all_hidden, cache=new_cache)
         return output if return_dict else output.to_tuple()
 
 

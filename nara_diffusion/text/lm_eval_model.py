@@ -37,7 +37,7 @@ from .likelihood import mc_loglikelihood
 from .loading import load_for_inference
 from .model_info import resolve_mask_token_id
 from .prompting import decode_generation, left_pad, pad_token_for, stop_token_ids
-from .sampler import NOISE_RULES, generate
+from .sampler import CACHE_MODES, NOISE_RULES, generate, memoize_cores
 from .trained_sampling import sampler_settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class NaRALLaDA(TemplateLM):
             authors' GSM8K command. A ``gen_length`` other than the trained one warns.
         temperature, cfg, remasking, threshold, noise_rule, till_eos: As in `generate` (``cfg`` is ``cfg_scale``;
             till_eos none: on for NaRA).
+        cache: ``none`` (default), ``prefix`` or ``dual``: `generate`'s block-wise K/V cache (Fast-dLLM); with
+            ``threshold=0.9`` the fast setting.
         mc_num, mc_batch_size: Monte-Carlo samples per likelihood and the samples per forward (LLaDA: 128 / 32).
         is_check_greedy: Compute ``is_greedy`` for loglikelihood requests (slow; LLaDA recommends off).
         max_length: Longest sequence; longer contexts are cut from the left. Default: the model's maximum.
@@ -98,6 +100,7 @@ class NaRALLaDA(TemplateLM):
         threshold: Optional[float] = None,
         noise_rule: str = "generation",
         till_eos: Optional[bool] = None,
+        cache: Optional[str] = None,
         mc_num: int = 128,
         mc_batch_size: int = 32,
         is_check_greedy: bool = False,
@@ -111,6 +114,8 @@ class NaRALLaDA(TemplateLM):
             raise ValueError(f"Unknown nara_llada model_args {sorted(kwargs)}; see NaRALLaDA's docstring.")
         if _optional(noise_rule) not in NOISE_RULES:
             raise ValueError(f"noise_rule must be one of {NOISE_RULES}, got {noise_rule!r}.")
+        if _optional(cache) not in (None, *CACHE_MODES):
+            raise ValueError(f"cache must be none, {' or '.join(CACHE_MODES)}; got {cache!r}.")
         from accelerate import PartialState
 
         state = PartialState()
@@ -145,6 +150,7 @@ class NaRALLaDA(TemplateLM):
             "threshold": None if _optional(threshold) is None else float(threshold),
             "noise_rule": noise_rule,
             "till_eos": _bool_or_none(till_eos),
+            "cache": _optional(cache),
         }
         self.mc_num, self.mc_batch_size, self.cfg = int(mc_num), int(mc_batch_size), float(cfg)
         self.is_check_greedy = bool(_bool_or_none(is_check_greedy))
@@ -252,25 +258,26 @@ class NaRALLaDA(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
         texts: list[Optional[str]] = [None] * len(requests)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for chunk in tqdm(batches, desc="generate_until", disable=disable_tqdm or self.rank != 0):
-            ids, mask = left_pad([prompts[i] for i in chunk], self.pad_id, self._device)
-            out = generate(
-                self.model,
-                ids,
-                attention_mask=mask,
-                mask_token_id=self.mask_id,
-                max_length=self.max_length,
-                generator=self.generator,
-                **self.gen_kwargs,
-            )
-            for row, i in enumerate(chunk):
-                context, gen_kwargs = requests[i].args
-                text = _cut_at_stops(
-                    decode_generation(self.tokenizer, out[row, ids.shape[1] :].tolist(), self.stop_ids),
-                    _stop_strings(gen_kwargs),
+        with memoize_cores(self.model):  # a NaRA hypernetwork runs once per distinct λ over all requests
+            for chunk in tqdm(batches, desc="generate_until", disable=disable_tqdm or self.rank != 0):
+                ids, mask = left_pad([prompts[i] for i in chunk], self.pad_id, self._device)
+                out = generate(
+                    self.model,
+                    ids,
+                    attention_mask=mask,
+                    mask_token_id=self.mask_id,
+                    max_length=self.max_length,
+                    generator=self.generator,
+                    **self.gen_kwargs,
                 )
-                texts[i] = text
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                for row, i in enumerate(chunk):
+                    context, gen_kwargs = requests[i].args
+                    text = _cut_at_stops(
+                        decode_generation(self.tokenizer, out[row, ids.shape[1] :].tolist(), self.stop_ids),
+                        _stop_strings(gen_kwargs),
+                    )
+                    texts[i] = text
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return texts
 
 

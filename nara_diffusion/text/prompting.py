@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .model_info import model_device, resolve_mask_token_id
-from .sampler import generate
+from .sampler import generate, memoize_cores
 from .trained_sampling import sampler_settings
 
 
@@ -75,14 +75,14 @@ def generate_texts(
     device = model_device(model)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     texts: list[Optional[str]] = [None] * len(prompt_ids)
-    for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generating"):
-        chunk = order[start : start + batch_size]
-        ids, mask = left_pad([prompt_ids[i] for i in chunk], pad, device)
-        out = generate(model, ids, attention_mask=mask, **generate_kwargs)
-        for row, i in enumerate(chunk):
-            texts[i] = decode_generation(tokenizer, out[row, ids.shape[1] :].tolist(), stops)
+    with memoize_cores(model):  # a NaRA hypernetwork runs once per distinct λ over all batches
+        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generating"):
+            chunk = order[start : start + batch_size]
+            ids, mask = left_pad([prompt_ids[i] for i in chunk], pad, device)
+            out = generate(model, ids, attention_mask=mask, **generate_kwargs)
+            for row, i in enumerate(chunk):
+                texts[i] = decode_generation(tokenizer, out[row, ids.shape[1] :].tolist(), stops)
     return texts
-
 
 
 __all__ = ["decode_generation", "generate_texts", "left_pad", "pad_token_for", "stop_token_ids"]

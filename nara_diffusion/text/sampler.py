@@ -25,6 +25,21 @@ adapters are named ``noise_bin_1 … noise_bin_K`` is the noise-bin baseline: be
 ⌈λ·K⌉ (clamped to [1, K]) is made active, rows of different bins going through separate forwards. The bin is taken
 from the exact fraction in integers (`nara_diffusion.text.noise_bins.noise_bin`), so λ = 3/5 with K = 5 is bin 3.
 
+Fast decoding (Fast-dLLM, Wu et al. 2025): ``threshold`` (above) and ``cache=`` — ``"prefix"`` or ``"dual"`` — for
+models that take a K/V cache (native LLaDA, bare or adapted). At a block's first step the forward runs the whole canvas
+and returns the K/V of every position; the block's later steps reuse them: ``"prefix"`` keeps those of the prompt and
+the finished blocks and runs the current block and everything after it, ``"dual"`` keeps the suffix after the block
+too and runs the current block only. LLaDA attends both ways, so the reused K/V are an approximation (they do not see
+the tokens committed since the block began), refreshed at every block boundary; a NaRA model's cached K/V were computed
+at the λ of the block's first step, while the positions that run get the λ of the current step (per example, from the
+canvas, as without a cache). ``cache=None`` is the exact reverse process.
+
+Tokens do not depend on the batch: a left-padded prompt is computed as if alone (native LLaDA gives each row its own
+positions and attends over its real keys only, `nara_diffusion.text.llada`), a NaRA core is computed from its λ alone
+(`Denoiser` memoises C(λ) by value, so the hypernetwork also runs once per distinct λ per call), and rows that finish a
+block early under ``threshold`` take no-op steps until the others finish. On the CPU this makes a batch's tokens exactly
+those of its prompts run one by one; accelerator kernels may pick different reductions for different batch shapes.
+
 With temperature 0, no adapter and the same settings, the tokens are those of LLaDA's reference ``generate()``.
 Differences by design: ties in confidence go to the lower position (a stable sort; ``torch.topk`` leaves them
 unspecified); confidence is computed in float32 from the logits of the current block only (the reference takes the
@@ -36,17 +51,22 @@ outputs (temperature > 0) follow the same distribution but not the reference's r
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional
 
+import peft
 import torch
 from torch import nn
 
 from nara_diffusion.core.noise import ComputedNoiseLevel
+from nara_diffusion.core.tuner import memoized_cores
 
+from .kv_cache import LLaDACache
 from .masking import uniform
 from .model_info import model_device, resolve_mask_token_id, unwrap_parallel
 from .noise_bins import noise_bin, noise_bin_count, noise_bin_name
@@ -55,8 +75,10 @@ from .token_ids import check_special_ids, check_token_ids, model_vocab_size, tok
 
 NoiseRule = Literal["generation", "sequence", "block"]
 Remasking = Literal["low_confidence", "random"]
+CacheMode = Literal["prefix", "dual"]
 NOISE_RULES: tuple[str, ...] = ("generation", "sequence", "block")
 REMASKING: tuple[str, ...] = ("low_confidence", "random")
+CACHE_MODES: tuple[str, ...] = ("prefix", "dual")
 # Confidence given to suppressed candidates: below any probability (and any U[0, 1) draw), above non-candidates.
 _SUPPRESSED = -1.0
 
@@ -130,34 +152,48 @@ class Denoiser:
 
     A NaRA model gets ``noise_level=λ``; a noise-bin set gets the adapter of each row's bin; a LoRA or base model
     gets neither. Logits are computed only at the requested positions when the model supports
-    ``logits_positions`` (native LLaDA does). Use it as a context manager: inside, the model is in eval mode; on
-    exit its mode (and, for noise-bin sets, the active adapter and which parameters require grad) is restored.
+    ``logits_positions`` (native LLaDA does). Use it as a context manager: inside, the model is in eval mode (and
+    with ``memoize_cores`` a NaRA model's cores are memoised by λ value, `nara_diffusion.core.tuner.memoized_cores`:
+    the hypernetwork runs once per distinct λ, each value alone; the sampler's λ take few values, a Monte-Carlo
+    estimator's many); on exit its mode (and, for noise-bin sets, the active adapter and which parameters require
+    grad) is restored.
 
     Attributes:
         noise_conditioned: The model takes ``noise_level=``.
         num_bins: K of a noise-bin set, else None.
         needs_noise_level: Either of the two: λ must be computed before each forward.
+        kv_cache: The model takes and returns a K/V cache (``cache=``, ``use_cache=``, ``query_start=``: native
+            LLaDA, bare or with adapters).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, memoize_cores: bool = False) -> None:
         self.model = model
+        self.memoize_cores = memoize_cores
         self.noise_conditioned = is_noise_conditioned(model)
         self.num_bins = noise_bin_count(model)
         self.needs_noise_level = self.noise_conditioned or self.num_bins is not None
         self.logits_positions = supports_logits_positions(model)
+        self.kv_cache = supports_kv_cache(model)
         self._active: Optional[str] = None
         self._saved: Optional[tuple[bool, Any, dict[str, bool]]] = None
+        self._memo: Optional[contextlib.ExitStack] = None
 
     def __enter__(self) -> Denoiser:
         inner = unwrap_parallel(self.model)
         grads = {n: p.requires_grad for n, p in inner.named_parameters()} if self.num_bins else {}
         self._saved = (self.model.training, getattr(inner, "active_adapter", None), grads)
         self.model.eval()
+        self._memo = contextlib.ExitStack()
+        if self.noise_conditioned and self.memoize_cores:
+            self._memo.enter_context(memoized_cores(inner))
         return self
 
     def __exit__(self, *exc: object) -> None:
         training, adapter, grads = self._saved
         inner = unwrap_parallel(self.model)
+        if self._memo is not None:
+            self._memo.close()
+            self._memo = None
         if self.num_bins and adapter is not None:
             inner.set_adapter(adapter)
             for name, param in inner.named_parameters():
@@ -183,31 +219,60 @@ class Denoiser:
         Returns:
             ``[N, V]`` logits, N = ``positions.sum()``.
         """
+        return self.cached(input_ids, positions, noise, attention_mask)[0]
+
+    def cached(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        noise: Optional[MaskRatio] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        cache: Optional[LLaDACache] = None,
+        query_start: int = 0,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Optional[LLaDACache]]:
+        """`__call__` with a K/V cache (models with `kv_cache` only).
+
+        ``input_ids`` and ``positions`` are ``[B, n]``, positions ``query_start …`` of the sequence; ``cache`` holds
+        the K/V of the other positions; ``attention_mask`` covers the whole sequence. Returns the logits and, with
+        ``use_cache``, the K/V of every position (rows of different noise bins run apart and are merged back).
+        """
         if self.needs_noise_level and noise is None:
             raise ValueError("This model is conditioned on the noise level; pass noise=MaskRatio(...).")
+        cache_kw: dict[str, Any] = {}
+        if cache is not None or use_cache:
+            if not self.kv_cache:
+                raise ValueError(f"{type(self.model).__name__} takes no K/V cache.")
+            cache_kw = {"cache": cache, "query_start": query_start, "use_cache": use_cache}
         lam = noise.value() if self.noise_conditioned else None
         if self.num_bins is None:
-            return self._forward(input_ids, positions, lam, attention_mask)
+            return self._run(input_ids, positions, lam, attention_mask, cache_kw)
         bins = noise.bin(self.num_bins)
         present = sorted(set(bins.tolist()))  # host sync: switching adapters is a host operation
         if len(present) == 1:
             self.use_bin(present[0])
-            return self._forward(input_ids, positions, lam, attention_mask)
+            return self._run(input_ids, positions, lam, attention_mask, cache_kw)
         pos_rows = positions.nonzero()[:, 0]
         out: Optional[torch.Tensor] = None
+        caches: list[tuple[torch.Tensor, LLaDACache]] = []
         for index in present:
             rows = (bins == index).nonzero().squeeze(1)
             self.use_bin(index)
-            logits = self._forward(
+            part_kw = dict(cache_kw, cache=cache.select(rows)) if cache is not None else cache_kw
+            logits, part_cache = self._run(
                 input_ids[rows],
                 positions[rows],
                 None if lam is None else lam[rows],
                 None if attention_mask is None else attention_mask[rows],
+                part_kw,
             )
             if out is None:
                 out = logits.new_empty((pos_rows.numel(), logits.shape[-1]))
             out[bins[pos_rows] == index] = logits
-        return out
+            if part_cache is not None:
+                caches.append((rows, part_cache))
+        return out, (LLaDACache.merge(caches, input_ids.shape[0]) if caches else None)
 
     def use_bin(self, index: int) -> None:
         """Make the adapter of noise bin ``index`` (1-based) active, if it is not already."""
@@ -216,22 +281,63 @@ class Denoiser:
             unwrap_parallel(self.model).set_adapter(name, inference_mode=True)
             self._active = name
 
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        lam: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        cache_kw: dict[str, Any],
+    ) -> tuple[torch.Tensor, Optional[LLaDACache]]:
+        if not cache_kw:
+            return self._forward(input_ids, positions, lam, attention_mask), None
+        return self._forward(input_ids, positions, lam, attention_mask, cache_kw)
+
     def _forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         lam: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        kwargs: dict[str, Any] = {}
+        cache_kw: Optional[dict[str, Any]] = None,
+    ) -> Any:
+        """One model call: the ``[N, V]`` logits at ``positions``, or with ``cache_kw`` (logits, the returned cache)."""
+        kwargs: dict[str, Any] = dict(cache_kw or {})
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if lam is not None:
             kwargs["noise_level"] = ComputedNoiseLevel(lam)  # the canvas's mask fraction: in [0, 1] by construction
         if self.logits_positions:
             kwargs["logits_positions"] = positions
-        logits = self.model(input_ids, **kwargs).logits
-        return logits[positions] if logits.dim() == 3 else logits
+        output = self.model(input_ids, **kwargs)
+        logits = output.logits
+        logits = logits[positions] if logits.dim() == 3 else logits
+        if cache_kw is None:
+            return logits
+        return logits, (getattr(output, "cache", None) if kwargs.get("use_cache") else None)
+
+
+def memoize_cores(model: nn.Module) -> contextlib.AbstractContextManager:
+    """A context in which a NaRA model's cores C(λ) are memoised by λ value across `generate` calls (each call
+    memoises its own anyway): for evaluation loops, whose λ grid (``k / gen_length``) repeats from batch to batch. The
+    adapter's weights must not change inside. Exact (each value computed alone, as within a call); a no-op for other
+    models."""
+    if not is_noise_conditioned(model):
+        return contextlib.nullcontext()
+    return memoized_cores(unwrap_parallel(model))
+
+
+def supports_kv_cache(model: nn.Module) -> bool:
+    """True when the innermost model's ``forward`` takes ``cache``, ``use_cache`` and ``query_start`` (native LLaDA;
+    peft wrappers seen through)."""
+    model = unwrap_parallel(model)
+    while isinstance(model, peft.PeftModel):
+        model = unwrap_parallel(model.get_base_model())
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in ("cache", "use_cache", "query_start"))
 
 
 # -- one step -------------------------------------------------------------------------------------------------------
@@ -348,6 +454,7 @@ class _Settings:
     remasking: str
     noise_rule: str
     threshold: Optional[float]
+    cache: Optional[str]
     mask_id: int
     eos_id: Optional[int]
     till_eos: bool
@@ -379,13 +486,28 @@ def _step(
     banned: Optional[torch.Tensor],
     suppress: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
-) -> None:
-    """One reverse step on every active row: forward, propose, commit in place."""
+    kv: Optional[LLaDACache] = None,
+) -> Optional[LLaDACache]:
+    """One reverse step on every active row: forward, propose, commit in place.
+
+    Without a cache, or at a block's first step (``kv`` None), the forward runs the whole canvas; with ``s.cache``
+    it also returns the K/V to reuse for the block's later steps (prefix: cut to the columns before the block).
+    Those steps run the block and everything after it (prefix) or the block alone (dual) against ``kv``, which is
+    returned unchanged."""
     start, end = block
     ids, attn, noise = _model_inputs(canvas, s, block, denoise.needs_noise_level)
-    positions = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-    positions[:, start:end] = True
-    logits = denoise(ids, positions, noise, attn).view(ids.shape[0], end - start, -1).float()
+    if kv is None:
+        positions = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        positions[:, start:end] = True
+        logits, kv = denoise.cached(ids, positions, noise, attn, use_cache=s.cache is not None)
+        if kv is not None and s.cache == "prefix":
+            kv = kv.crop(start)
+    else:
+        window = ids[:, start : ids.shape[1] if s.cache == "prefix" else end]
+        positions = torch.zeros(window.shape, dtype=torch.bool, device=ids.device)
+        positions[:, : end - start] = True
+        logits, _ = denoise.cached(window, positions, noise, attn, cache=kv, query_start=start)
+    logits = logits.view(ids.shape[0], end - start, -1).float()
     if canvas.uncond_prompt is not None:
         cond, uncond = logits.chunk(2)
         logits = uncond + (s.cfg_scale + 1.0) * (cond - uncond)
@@ -398,6 +520,7 @@ def _step(
     candidates = current == s.mask_id
     chosen = select_transfer(confidence, candidates, k, s.threshold)
     canvas.x[:, start:end] = torch.where(chosen, x0, current)
+    return kv
 
 
 def _block_steps(s: _Settings, canvas: _Canvas, block: tuple[int, int]) -> Iterator[Optional[int]]:
@@ -438,6 +561,7 @@ def generate(
     noise_rule: NoiseRule = "generation",
     attention_mask: Optional[torch.Tensor] = None,
     threshold: Optional[float] = None,
+    cache: Optional[CacheMode] = None,
     suppress_tokens: Sequence[int] = (),
     banned_tokens: Sequence[int] = (),
     mask_token_id: Optional[int] = None,
@@ -467,6 +591,11 @@ def generate(
         threshold: Confidence-threshold parallel decoding (Fast-dLLM): each step commits every candidate with
             confidence ≥ τ and at least one; a block takes as many steps as it needs (at most ``block_length``), and
             ``steps`` only has to pass validation.
+        cache: Block-wise K/V cache (Fast-dLLM): None (exact), ``"prefix"`` (the prompt's and finished blocks' K/V
+            computed at each block's first step and reused by its later steps) or ``"dual"`` (the suffix's too). An
+            approximation refreshed at each block boundary, since LLaDA is bidirectional; a NaRA model's cached K/V
+            are those of the λ at the block's first step (see the module docstring). Needs a model that takes a
+            cache (native LLaDA). ``cache="dual", threshold=0.9`` is Fast-dLLM's fast setting.
         suppress_tokens: Token ids whose proposals are ranked last (LLaDA's EOS/EoT confidence suppression).
         banned_tokens: Token ids never proposed (logits set to −∞; LLaDA's ``logits_eos_inf``). The mask token is
             never proposed either: committed, it would stay masked and the block would not fill (a trained LLaDA
@@ -498,7 +627,7 @@ def generate(
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     limit = max_length if max_length is not None else _model_max_length(config)
-    denoise = Denoiser(model)
+    denoise = Denoiser(model, memoize_cores=True)
     if till_eos is None:
         till_eos = denoise.noise_conditioned and eos_id is not None
     settings = _check_settings(
@@ -511,11 +640,18 @@ def generate(
         remasking=remasking,
         noise_rule=noise_rule,
         threshold=threshold,
+        cache=cache,
         mask_id=int(mask_id),
         eos_id=None if eos_id is None else int(eos_id),
         till_eos=bool(till_eos),
         max_length=limit,
     )
+    if settings.cache is not None and not denoise.kv_cache:
+        raise ValueError(
+            f"cache={settings.cache!r} needs a model that takes and returns a K/V cache (the native LLaDA of "
+            f"nara_diffusion.text.llada, bare or with adapters); {type(unwrap_parallel(model)).__name__} does not. "
+            "Use cache=None."
+        )
     check_special_ids(
         vocab_size,
         mask_token_id=settings.mask_id,
@@ -529,8 +665,9 @@ def generate(
     with denoise, token_ids_checked():
         for b in range(settings.num_blocks):
             block = (settings.width + b * settings.block_length, settings.width + (b + 1) * settings.block_length)
+            kv: Optional[LLaDACache] = None  # filled at the block's first step when caching
             for k in _block_steps(settings, canvas, block):
-                _step(canvas, denoise, settings, block, k, banned, suppress, generator)
+                kv = _step(canvas, denoise, settings, block, k, banned, suppress, generator, kv)
             if settings.till_eos and _end_block(canvas, settings, block):
                 break
     return canvas.result()
@@ -586,6 +723,7 @@ def _check_settings(
     remasking: str,
     noise_rule: str,
     threshold: Optional[float],
+    cache: Optional[str] = None,
     **rest: Any,
 ) -> _Settings:
     for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
@@ -622,6 +760,8 @@ def _check_settings(
         raise ValueError(f"noise_rule must be one of {NOISE_RULES}, got {noise_rule!r}.")
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1] (a confidence), got {threshold!r}.")
+    if cache is not None and cache not in CACHE_MODES:
+        raise ValueError(f"cache must be None, 'prefix' or 'dual', got {cache!r}.")
     if rest["till_eos"] and rest["eos_id"] is None:
         raise ValueError("till_eos needs the EOS token: pass eos_token_id= (the model's config has none).")
     return _Settings(
@@ -635,6 +775,7 @@ def _check_settings(
         remasking=remasking,
         noise_rule=noise_rule,
         threshold=threshold,
+        cache=cache,
         **rest,
     )
 
@@ -653,6 +794,7 @@ def _model_max_length(config: Any) -> Optional[int]:
 
 
 __all__ = [
+    "CACHE_MODES",
     "NOISE_RULES",
     "REMASKING",
     "Denoiser",
@@ -660,7 +802,9 @@ __all__ = [
     "canvas_noise_level",
     "generate",
     "gumbel_argmax",
+    "memoize_cores",
     "propose",
     "select_transfer",
+    "supports_kv_cache",
     "transfer_schedule",
 ]
