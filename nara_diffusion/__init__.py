@@ -16,6 +16,7 @@ import importlib
 from typing import Any
 
 from . import core
+from ._diffusers_hook import install as _install_diffusers_hook
 from .core import (
     NaRAConfig,
     NaRALoadError,
@@ -32,6 +33,9 @@ from .core import (
 )
 
 __version__ = "0.1.0"
+
+# every diffusers pipeline gets load_nara_weights & co. once diffusers is imported (diffusers is not imported here)
+_install_diffusers_hook()
 
 #: The backends, imported by `__getattr__` on first access (``nd.text``, ``nd.image``, ...).
 _LAZY_SUBMODULES = ("text", "image", "training", "selection")

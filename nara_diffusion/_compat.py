@@ -33,13 +33,26 @@ Checked with torch 2.13 and diffusers 0.42 (the minimum versions in ``pyproject.
     conditioned on λ = 1 for every step instead of each step's λ (the per-step check then raises, see
     ``image/prompts.py``).
 
+`when_imported` — a ``sys.meta_path`` finder that wraps the loader of one named module to run callbacks right after
+    it executes (plain Python import machinery, PEP 451; the pattern of the withdrawn PEP 369 post-import hooks), or
+    at once when the module is already imported. ``import nara_diffusion`` uses it to give every diffusers pipeline
+    the NaRA loader methods without importing diffusers (`nara_diffusion._diffusers_hook`): it relies on diffusers
+    0.42 defining ``DiffusionPipeline`` in ``diffusers.pipelines.pipeline_utils``, the model-level LoRA unload in
+    ``diffusers.loaders.peft`` (``PeftAdapterMixin.unload_lora``) and the text-encoder one in
+    ``diffusers.loaders.lora_base`` (``_remove_text_encoder_monkey_patch``, looked up at call time). If diffusers
+    moved them, pipelines would lack ``load_nara_weights`` until ``nd.image.enable_nara_loading(pipe)`` (a test
+    fails naming the module), and an ``unload_lora_weights`` would strip NaRA layers nested in LoRA layers.
+
 Import cost: this module imports torch only; nothing here imports diffusers.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -103,3 +116,59 @@ def shadow_method(obj: Any, name: str, replacement: Callable[..., Any]) -> None:
 def restore_method(obj: Any, name: str) -> None:
     """Undo `shadow_method`: ``obj.<name>`` is its class's method again (no-op when not shadowed)."""
     obj.__dict__.pop(name, None)
+
+
+# -- Python: run code right after a module is imported -------------------------------------------------------------
+_PENDING: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+
+class _AfterExec(importlib.abc.Loader):
+    """Wraps a module's loader: executes the module, puts the real loader back, then runs the callbacks."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Optional[ModuleType]:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__.loader = module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        for callback in _PENDING.pop(module.__name__, []):
+            callback(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_data, get_resource_reader, ... of the real loader
+        return getattr(self.loader, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a module with pending callbacks it asks the other finders and wraps the loader."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _PENDING:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _AfterExec(spec.loader)
+                return spec
+        return None
+
+
+_FINDER = _PostImportFinder()
+
+
+def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Call ``callback(module)`` once the module ``name`` is imported: now if it already is, else right after its
+    code has run (before the importer gets it). Importing nothing itself."""
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+        return
+    _PENDING.setdefault(name, []).append(callback)
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)

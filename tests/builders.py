@@ -361,3 +361,99 @@ def regression_loss(model: nn.Module, batch: dict[str, torch.Tensor], gen: torch
     """Squared error at a random λ per example drawn from the Trainer's generator."""
     lam = torch.rand(batch["x"].shape[0], generator=gen)
     return (model(batch["x"], noise_level=lam) - batch["y"]).pow(2).mean()
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """The tiny random SD3 pipeline of examples/sdxl_dreambooth/make_tiny_pipeline.py (MM-DiT with joint attention,
+    two CLIP encoders and a T5, tokenizers built offline, flow-matching Euler scheduler)."""
+    pipe = _example_module("make_tiny_pipeline").build_sd3_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """The tiny random Flux pipeline of examples/sdxl_dreambooth/make_tiny_pipeline.py (double- and single-stream
+    blocks, guidance embedding, 2×2 latent packing, CLIP + T5, tokenizers built offline)."""
+    pipe = _example_module("make_tiny_pipeline").build_flux_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- tiny Dream ---------------------------------------------------------------------------------------------------
+#: Dream-v0-Instruct-7B's config.json (Hub), the source of every Dream test config's field names and auto_map.
+DREAM_HUB_7B: dict[str, Any] = {
+    "architectures": ["DreamModel"],
+    "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "mask_token_id": 151666,
+    "max_position_embeddings": 131072,
+    "max_window_layers": 28,
+    "model_type": "Dream",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "pad_token_id": 151643,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.2",
+    "use_cache": False,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+
+
+def tiny_dream_config(tokenizer: Any = None, **overrides: Any):
+    """A tiny `DreamConfig` with the Hub's fields: width 32, 4 query heads sharing 2 key/value heads (GQA), 2 layers,
+    MLP 48, RoPE θ 100 (so positions matter at a dozen tokens), the vocabulary of `tiny_llada` or of ``tokenizer``;
+    ``overrides`` win."""
+    from nara_diffusion.text.dream import DreamConfig
+
+    fields = {k: v for k, v in DREAM_HUB_7B.items() if k not in ("auto_map", "torch_dtype", "transformers_version")}
+    fields.update(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=48,
+        max_position_embeddings=64, rope_theta=100.0, vocab_size=V if tokenizer is None else len(tokenizer),
+        mask_token_id=MASK if tokenizer is None else tokenizer.mask_token_id,
+        eos_token_id=EOS if tokenizer is None else tokenizer.eos_token_id,
+        pad_token_id=EOS if tokenizer is None else tokenizer.eos_token_id,
+        bos_token_id=EOS if tokenizer is None else tokenizer.eos_token_id,
+    )  # fmt: skip
+    fields.update(overrides)
+    return DreamConfig(**fields)
+
+
+def tiny_dream(seed: int = 0, scale: float = 0.25, tokenizer: Any = None, **overrides: Any):
+    """A random tiny `DreamModel` (eval mode) with weights large enough for sharp attention and non-trivial norm
+    weights and biases, so that a wrong position, mask, bias or shift shows in the logits."""
+    from nara_diffusion.text.dream import DreamModel
+
+    torch.manual_seed(seed)
+    model = DreamModel(tiny_dream_config(tokenizer, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else scale * torch.randn_like(p))
+    return model
+
+
+def save_hub_dream(model: nn.Module, folder: Path, tokenizer: Any = None) -> Path:
+    """``model`` saved as the Hub lays Dream out: safetensors with the Hub's key names and a config.json with the
+    Hub's auto_map (remote code that is not there), bf16 dtype and transformers version; plus ``tokenizer``."""
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        auto_map=DREAM_HUB_7B["auto_map"], torch_dtype="bfloat16", transformers_version="4.46.2", rope_scaling=None
+    )
+    config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -59,7 +59,13 @@ def test_folder_layout_keys_and_config(tmp_path):
     )
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "nara_config.json", "nara_weights.safetensors"]
     config = json.loads((folder / "nara_config.json").read_text())
-    assert set(config) == {"format", "version", "unet", "text_encoder_2"}
+    assert set(config) == {"format", "version", "unet", "text_encoder_2", "denoiser"}
+    assert config["denoiser"] == {
+        "component": "unet",
+        "class": "UNet2DConditionModel",
+        "family": "unet",
+        "convention": "lambda = timestep / num_train_timesteps",
+    }
     assert sorted(config["unet"]["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
     assert config["unet"]["noise_input"] == "timestep" and config["unet"]["num_train_timesteps"] == 1000
     with safe_open(str(folder / "nara_weights.safetensors"), framework="pt") as handle:

@@ -1,8 +1,13 @@
-"""Fine-tune a masked diffusion LM (LLaDA) with NaRA, NaRA-C, LoRA or full fine-tuning.
+"""Fine-tune a masked diffusion LM (LLaDA or Dream) with NaRA, NaRA-C, LoRA or full fine-tuning.
 
     accelerate launch examples/llada/finetune.py
     accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml
     accelerate launch examples/llada/finetune.py --config examples/llada/configs/math14k.yaml --adapter lora --rank 16
+    accelerate launch examples/llada/finetune.py --config examples/llada/configs/dream_math14k.yaml
+
+The model family (LLaDA or Dream) is read from the model's config; Dream's conventions (mask token, shifted logits,
+chat template, module names) follow from it. Multi-GPU engines: ``accelerate launch --config_file
+examples/accelerate/{ddp,fsdp2,zero2,zero3}.yaml examples/llada/finetune.py ...``.
 
 With no ``--model``, ``--dataset`` or ``--config``, the embedded default run fine-tunes the toy LLaDA (``toy/``,
 pretrained on arithmetic) with NaRA on a notation it cannot read yet ("What is 63&45?", "&" for subtraction; 1,000

@@ -1,4 +1,5 @@
-"""Generate images with a DreamBooth adapter in a stock diffusers pipeline (NaRA or LoRA, whichever the folder holds).
+"""Generate images with a DreamBooth adapter in a stock diffusers pipeline (NaRA or LoRA, whichever the folder holds;
+SDXL, SD 1.5 / 2.x, SD3 or Flux, whichever it was trained on).
 
     python examples/sdxl_dreambooth/infer.py --adapter_path outputs/dreambooth/final \\
         --prompt "a photo of sks dog in a bucket"

@@ -1,4 +1,4 @@
-"""DreamBooth on SDXL (or SD 1.5 / 2.x) with NaRA, NaRA-C or LoRA: a few photos of a subject → an adapter folder.
+"""DreamBooth on SDXL (SD 1.5 / 2.x, SD3, Flux) with NaRA, NaRA-C or LoRA: a few photos of a subject → an adapter.
 
     accelerate launch examples/sdxl_dreambooth/train.py        # the embedded toy default, about a minute on a CPU
     accelerate launch examples/sdxl_dreambooth/train.py \\
@@ -9,6 +9,17 @@
         --with_prior_preservation --class_prompt "a photo of a dog" \\
         --validation_prompt "a photo of sks dog in a bucket" \\
         --mixed_precision fp16 --vae madebyollin/sdxl-vae-fp16-fix --gradient_checkpointing --use_8bit_adam
+
+The same script and flags train SD3 / 3.5 and Flux pipelines (the family is read from the pipeline; the
+transformer learns the flow-matching objective of diffusers' SD3 / Flux DreamBooth scripts, NaRA reads λ = σ):
+
+    accelerate launch examples/sdxl_dreambooth/train.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
+        --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --mixed_precision bf16 \\
+        --weighting_scheme none --flux_guidance 1.0
+
+(``--weighting_scheme logit_normal|mode|none|sigma_sqrt|cosmap``, ``--logit_mean``, ``--logit_std``, ``--mode_scale``,
+``--precondition_outputs`` for SD3, ``--flux_guidance``; ``examples/dreambooth/train.py`` is the same script.)
 
 With no ``--model``, ``--config`` or ``--instance_data_dir``, the script fine-tunes the committed toy pipeline
 (``toy/`` next to this file) on the five photos in ``images/`` with toy settings (any other flag still applies),

@@ -1,10 +1,11 @@
-"""NaRA for diffusers image models: UNets conditioned on the diffusion timestep, pipeline loaders, DreamBooth.
+"""NaRA for diffusers image models: UNets and SD3 / Flux transformers conditioned on the noise level of every call,
+pipeline loaders, DreamBooth.
 
 ```python
 import nara_diffusion as nd
 unet = nd.image.inject_nara(pipe.unet, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)   # λ = t/T from every call
-pipe = nd.image.enable_nara_loading(pipe)          # or nd.image.NaRAStableDiffusionXLPipeline.from_pretrained(...)
-pipe.load_nara_weights("outputs/dreambooth/final")
+flux = nd.image.inject_nara(pipe.transformer, nd.NaRAConfig(r=4), scheduler=pipe.scheduler)  # SD3 / Flux: λ = σ
+pipe.load_nara_weights("outputs/dreambooth/final")  # every diffusers pipeline has it after `import nara_diffusion`
 nd.image.run_dreambooth(nd.image.DreamBoothConfig(instance_data_dir="dog/", instance_prompt="a photo of sks dog"))
 ```
 """

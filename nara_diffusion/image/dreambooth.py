@@ -1,4 +1,5 @@
-"""DreamBooth fine-tuning of an SDXL (or SD 1.5 / 2.x) UNet with NaRA, NaRA-C or peft's LoRA: the whole run.
+"""DreamBooth fine-tuning of an SDXL (or SD 1.5 / 2.x) UNet, or an SD3 / Flux transformer, with NaRA, NaRA-C or
+peft's LoRA: the whole run.
 
 ``examples/sdxl_dreambooth/train.py`` is a thin wrapper over `run_dreambooth`; the same function serves scripts of
 your own::
@@ -11,7 +12,9 @@ timestep t ~ U{0, …, T−1} and Gaussian noise per example, noise the latents 
 with the UNet (SDXL: with the pooled text embedding and the micro-conditioning time ids), and regress the
 scheduler's target (ε or v) with MSE, optionally Min-SNR weighted; with prior preservation the class half of the
 batch adds ``prior_loss_weight`` × its own MSE. NaRA reads λ = t/T of each example from the UNet's ``timestep``;
-NaRA text encoders get the same λ.
+NaRA text encoders get the same λ. SD3 and Flux pipelines train their transformer with the flow-matching objective
+of diffusers' SD3 / Flux DreamBooth scripts (`nara_diffusion.image.flow_matching`, λ = σ per example); the family
+is read from the pipeline (`FlowMatchingRecipe`, `UNetRecipe`), the script and flags are the same.
 
 Defaults follow diffusers' SDXL DreamBooth-LoRA recipe (README_sdxl.md): rank 4, learning rate 1e-4 constant with
 no warm-up, 500 updates of batch 1 with 4 accumulation steps, AdamW (0.9, 0.999, weight decay 1e-4), gradient
@@ -35,7 +38,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 from torch import nn
@@ -43,12 +52,15 @@ from torch import nn
 from ..core import noise_level
 from ..core.folders import PIPELINE_WEIGHTS_NAME
 from ..core.model_card import hub_base_model
+from ..core.tuner import inplace_tuner
 from ..selection.diffora import SelectionConfig, select_before_training
 from ..training import TrainConfig, Trainer, TrainResult, build_accelerator
 from ..training.adapters import adapter_config
 from ..training.config import check_float, check_int, check_model_path, config_to_dict, describe, option, retune
 from ..training.hub import push_folder_to_hub
 from .data import DreamBoothDataset, check_resolution, collate_dreambooth, list_images
+from .denoisers import denoiser_of, family_of
+from .flow_matching import WEIGHTING_SCHEMES, FlowMatchingModel
 from .loaders import enable_nara_loading, save_nara_weights
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
 from .unet import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_nara, needs_noise_level, unet_reader
@@ -118,6 +130,16 @@ class DreamBoothConfig(SelectionConfig, TrainConfig):
     text_encoder_weight_decay: float = option(1e-3, help="Weight decay of the text-encoder adapters.")
     # objective and optimiser
     snr_gamma: Optional[float] = option(None, help="Min-SNR weighting γ (5.0 is usual); none: plain MSE.")
+    weighting_scheme: Optional[str] = option(
+        None,
+        help="SD3 / Flux: timestep density or loss weighting (none given: logit_normal for SD3, none for Flux).",
+        choices=WEIGHTING_SCHEMES,
+    )
+    logit_mean: float = option(0.0, help="SD3 / Flux: mean of the logit_normal density.")
+    logit_std: float = option(1.0, help="SD3 / Flux: standard deviation of the logit_normal density.")
+    mode_scale: float = option(1.29, help="SD3 / Flux: scale of the mode density.")
+    precondition_outputs: bool = option(True, help="SD3: regress the denoised latents x̂₀ = x_σ − σ·v̂ (diffusers' SD3).")
+    flux_guidance: float = option(3.5, help="Flux: the guidance embedded in training (diffusers' --guidance_scale).")
     use_8bit_adam: bool = option(False, help="bitsandbytes' 8-bit AdamW (CUDA).")
     # validation and sampling
     validation_prompt: Optional[str] = option(None, help="Prompt of the validation grids (none: no grids).")
@@ -153,6 +175,11 @@ class DreamBoothConfig(SelectionConfig, TrainConfig):
                 raise ValueError('Prior preservation needs --class_prompt (e.g. "a photo of a dog").')
             if self.class_data_dir is None:
                 self.class_data_dir = str(Path(self.output_dir) / "class_images")
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(
+                f"weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}."
+            )
+        check_float("logit_std", self.logit_std, 0.0, low_open=True)
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 (or none), got {self.snr_gamma!r}.")
         self.check_selection()
@@ -190,7 +217,7 @@ def load_base_pipeline(
     dtype: torch.dtype = torch.float32,
     vae_dtype: Optional[torch.dtype] = None,
 ) -> DiffusionPipeline:
-    """Load a UNet text-to-image pipeline (SDXL, SD 1.5 / 2.x), optionally with another VAE.
+    """Load a text-to-image pipeline (SDXL, SD 1.5 / 2.x, SD3, Flux), optionally with another VAE.
 
     Args:
         model: Hub id or folder of the pipeline.
@@ -205,8 +232,10 @@ def load_base_pipeline(
     pipe = DiffusionPipeline.from_pretrained(
         model, variant=variant, **dtype_kwargs({"default": dtype, "vae": vae_dtype})
     )
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) or getattr(pipe, "text_encoder", None) is None:
-        raise ValueError(f"{model} is a {type(pipe).__name__}; DreamBooth here needs a UNet2DConditionModel pipeline.")
+    try:
+        recipe_for(pipe)
+    except TypeError as err:
+        raise ValueError(f"{model} is a {type(pipe).__name__}; {err}") from None
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, **dtype_kwargs(vae_dtype))
     pipe.set_progress_bar_config(disable=True)
@@ -250,6 +279,126 @@ def text_encoders_of(pipe: Any) -> list[nn.Module]:
 
 def tokenizers_of(pipe: Any) -> list[Any]:
     return [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
+
+
+# -- the denoiser families: what a training step is --------------------------------------------------------
+class UNetRecipe:
+    """SDXL / SD 1.5 / 2.x: the UNet regresses ε or v on the DDPM schedule (`DreamBoothModel`), λ = t/T."""
+
+    component = "unet"
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def targets(self, config: DreamBoothConfig) -> list[str]:
+        return list(config.target_modules)
+
+    def latent_transform(self, vae: Any) -> tuple[Any, Any]:
+        """``(shift, scale)``: latents are ``(z − shift) · scale``."""
+        scaling = torch.tensor(float(vae.config.scaling_factor))
+        if getattr(vae.config, "latents_mean", None) is not None:  # e.g. Playground v2.5
+            shift = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+            return shift, scaling / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        return None, scaling
+
+    def model(self, config: DreamBoothConfig, trained_encoders: list[nn.Module], vae: Any) -> nn.Module:
+        """The `DreamBoothModel` of the run (prompt embeddings cached unless the text encoders train)."""
+        pipe, unet = self.pipe, self.pipe.unet
+        sdxl = is_sdxl(unet)
+        prompts = [config.instance_prompt, config.class_prompt or config.instance_prompt]
+        token_ids = [tokenize(tok, prompts) for tok in tokenizers_of(pipe)]
+        cache: dict[str, Any] = {}
+        if config.train_text_encoder:
+            cache.update(text_encoders=trained_encoders, token_ids=token_ids)
+        else:
+            with torch.no_grad():
+                embeds, pooled = encode_tokens(text_encoders_of(pipe), token_ids, sdxl)
+            cache.update(prompt_embeds=embeds.float(), pooled_embeds=None if pooled is None else pooled.float())
+        latent_shift, latent_scale = self.latent_transform(vae)
+        return DreamBoothModel(
+            unet,
+            DDPMScheduler.from_config(pipe.scheduler.config),
+            resolution=config.resolution,
+            prior_loss_weight=config.prior_loss_weight,
+            snr_gamma=config.snr_gamma,
+            latent_shift=latent_shift,
+            latent_scale=latent_scale,
+            **cache,
+        )
+
+
+class FlowMatchingRecipe:
+    """SD3 / Flux: the transformer regresses the flow-matching velocity (`FlowMatchingModel`), λ = σ; the default
+    targets add the joint-attention context projections; prompt embeddings are cached, except SD3's CLIP encoders'
+    part when they train (``--train_text_encoder``; T5 stays frozen, as in diffusers' SD3 script)."""
+
+    component = "transformer"
+
+    def __init__(self, pipe: Any, family: Any) -> None:
+        self.pipe, self.family = pipe, family
+
+    def targets(self, config: DreamBoothConfig) -> list[str]:
+        if list(config.target_modules) == UNET_TARGET_MODULES:  # the default: the family's own
+            return list(self.family.target_modules)
+        return list(config.target_modules)
+
+    def model(self, config: DreamBoothConfig, trained_encoders: list[nn.Module], vae: Any) -> nn.Module:
+        pipe, device = self.pipe, self.pipe.transformer.device
+        prompts = [config.instance_prompt, config.class_prompt or config.instance_prompt]
+        with torch.no_grad(), contextlib.ExitStack() as stack:  # the pipeline's own encoding, as at inference
+            for encoder in trained_encoders:  # any λ: only the T5 part is kept when the CLIP encoders train
+                if needs_noise_level(encoder):
+                    config_of = inplace_tuner(encoder).peft_config[inplace_tuner(encoder).active_adapters[0]]
+                    highest = config_of.num_train_timesteps if config_of.noise_input == "timestep" else 1.0
+                    stack.enter_context(noise_level(encoder, highest))
+            if self.family.name == "sd3":
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompts, None, None, device=device, do_classifier_free_guidance=False
+                )
+                text_ids = None
+            else:
+                embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device=device)
+        prompt_kwargs: dict[str, Any] = {"prompt_embeds": embeds.float(), "pooled_embeds": pooled.float()}
+        if trained_encoders:  # SD3: the CLIP part is encoded at every step; T5's part is cached
+            token_ids = [tokenize(tok, prompts) for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+            t5 = embeds[:, token_ids[0].shape[1] :].float()
+            prompt_kwargs = {"text_encoders": trained_encoders, "token_ids": token_ids, "t5_embeds": t5}
+        scheme = config.weighting_scheme or ("logit_normal" if self.family.name == "sd3" else "none")
+        shift = float(vae.config.shift_factor or 0.0)
+        return FlowMatchingModel(
+            pipe.transformer,
+            FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
+            family=self.family.name,
+            text_ids=text_ids,
+            **prompt_kwargs,
+            latent_shift=shift,
+            latent_scale=float(vae.config.scaling_factor),
+            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+            prior_loss_weight=config.prior_loss_weight,
+            weighting_scheme=scheme,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            mode_scale=config.mode_scale,
+            precondition_outputs=config.precondition_outputs,
+            guidance_scale=config.flux_guidance,
+        )
+
+
+def recipe_for(pipe: Any) -> Union[UNetRecipe, FlowMatchingRecipe]:
+    """The training recipe of ``pipe``'s denoiser family.
+
+    Raises:
+        TypeError: not an SDXL / SD (UNet2DConditionModel), SD3 or Flux text-to-image pipeline.
+    """
+    expected = "DreamBooth here needs an SDXL / SD 1.5 / 2.x (UNet2DConditionModel), SD3 or Flux pipeline"
+    try:
+        name, denoiser = denoiser_of(pipe)
+    except TypeError:
+        raise TypeError(f"{expected}; {type(pipe).__name__} has neither a unet nor a transformer.") from None
+    family = family_of(denoiser)
+    if family is None or getattr(pipe, "text_encoder", None) is None:
+        raise TypeError(f"{expected}; its {name} is a {type(denoiser).__name__}.")
+    return UNetRecipe(pipe) if family.name == "unet" else FlowMatchingRecipe(pipe, family)
 
 
 # -- class images for prior preservation --------------------------------------------------------------------
@@ -338,6 +487,7 @@ class DreamBoothModel(nn.Module):
         if (prompt_embeds is None) == (text_encoders is None):
             raise ValueError("Give either cached prompt embeddings or the text encoders to train, not both.")
         self.unet = unet
+        self.component = "unet"
         self.noise_scheduler = noise_scheduler
         self.resolution, self.prior_loss_weight, self.snr_gamma = resolution, prior_loss_weight, snr_gamma
         self.sdxl = is_sdxl(unet)
@@ -349,6 +499,10 @@ class DreamBoothModel(nn.Module):
         self.num_token_ids = len(token_ids or [])
         for i, ids in enumerate(token_ids or []):  # one buffer per tokenizer (their lengths may differ)
             self.register_buffer(f"token_ids_{i}", ids, False)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Activation checkpointing in the UNet and the trained text encoders (called by the `Trainer`)."""
@@ -421,12 +575,21 @@ class DreamBoothModel(nn.Module):
 
 
 # -- adapters -----------------------------------------------------------------------------------------------
-def attach_adapters(config: DreamBoothConfig, unet: nn.Module, text_encoders: list[nn.Module], scheduler: Any) -> None:
-    """Attach ``config.adapter`` to the UNet (and to ``text_encoders``, the ones to train); freeze the rest."""
+def attach_adapters(
+    config: DreamBoothConfig,
+    unet: nn.Module,
+    text_encoders: list[nn.Module],
+    scheduler: Any,
+    *,
+    target_modules: Optional[list[str]] = None,
+) -> None:
+    """Attach ``config.adapter`` to the denoiser (UNet or SD3 / Flux transformer) and to ``text_encoders`` (the
+    ones to train); freeze the rest. ``target_modules``: the denoiser's (default ``config.target_modules``)."""
     branch = {"r": config.r, "lora_dropout": config.lora_dropout, "scaling": config.scaling}
+    targets = list(config.target_modules if target_modules is None else target_modules)
     if config.adapter == "lora":  # diffusers' DreamBooth-LoRA scripts initialise A with a Gaussian
         unet.requires_grad_(False).add_adapter(
-            adapter_config("lora", target_modules=config.target_modules, init_lora_weights="gaussian", **branch)
+            adapter_config("lora", target_modules=targets, init_lora_weights="gaussian", **branch)
         )
         for encoder in text_encoders:
             lora = adapter_config(
@@ -434,7 +597,7 @@ def attach_adapters(config: DreamBoothConfig, unet: nn.Module, text_encoders: li
             )
             encoder.requires_grad_(False).add_adapter(lora)
         return
-    nara = adapter_config(config.adapter, target_modules=config.target_modules, core_scale=config.core_scale, **branch)
+    nara = adapter_config(config.adapter, target_modules=targets, core_scale=config.core_scale, **branch)
     inject_nara(unet, nara, scheduler=scheduler)
     for encoder in text_encoders:
         inject_nara(
@@ -473,7 +636,11 @@ def write_lora_card(folder: Path, base_model: Optional[str], facts: dict[str, An
 
 
 def save_adapter(
-    model: DreamBoothModel, folder: Path, config: DreamBoothConfig, pipeline_cls: type, steps: Optional[int] = None
+    model: Union[DreamBoothModel, FlowMatchingModel],
+    folder: Path,
+    config: DreamBoothConfig,
+    pipeline_cls: type,
+    steps: Optional[int] = None,
 ) -> None:
     """Write the trained adapter: NaRA's folder (`save_nara_weights`) or diffusers' LoRA folder, plus the config and
     a model card naming the base pipeline by its Hub id only (``steps``: updates done, for the card)."""
@@ -488,12 +655,17 @@ def save_adapter(
         def layers(module: nn.Module) -> dict[str, torch.Tensor]:
             return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
 
+        # diffusers' own scripts: UNet keys in diffusers' naming, transformer keys as peft writes them
+        denoiser = layers(model.denoiser) if model.component == "unet" else get_peft_model_state_dict(model.denoiser)
         pipeline_cls.save_lora_weights(
-            folder, unet_lora_layers=layers(model.unet), **{f"{n}_lora_layers": layers(m) for n, m in named.items()}
+            folder,
+            **{f"{model.component}_lora_layers": denoiser},
+            **{f"{n}_lora_layers": layers(m) for n, m in named.items()},
         )
         write_lora_card(folder, base_model, facts)
     else:
-        save_nara_weights(folder, unet=model.unet, **named, base_model=base_model, model_card=facts)
+        parts = {model.component: model.denoiser, **named}
+        save_nara_weights(folder, **parts, base_model=base_model, model_card=facts)
     (folder / TRAINING_CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
@@ -600,8 +772,19 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
         pipe = load_base_pipeline(config.model, config.vae, config.variant, weight_dtype, vae_dtype)
     pipe.set_progress_bar_config(disable=True)
     device = accelerator.device
-    unet, vae, text_encoders = pipe.unet, pipe.vae, text_encoders_of(pipe)
-    for module, dtype in ((unet, weight_dtype), *((te, weight_dtype) for te in text_encoders), (vae, vae_dtype)):
+    recipe = recipe_for(pipe)
+    if config.train_text_encoder and getattr(recipe, "family", None) is not None and recipe.family.name == "flux":
+        raise ValueError(
+            "--train_text_encoder is supported for SDXL / SD and SD3 pipelines; Flux trains the transformer with "
+            "cached prompt embeddings here. Drop the flag."
+        )
+    unet, vae, text_encoders = getattr(pipe, recipe.component), pipe.vae, text_encoders_of(pipe)
+    t5 = [te for te in (getattr(pipe, "text_encoder_3", None),) if te is not None]  # SD3's T5: frozen, on device
+    for module, dtype in (
+        (unet, weight_dtype),
+        *((te, weight_dtype) for te in (*text_encoders, *t5)),
+        (vae, vae_dtype),
+    ):
         module.requires_grad_(False).to(device)
         if dtype != module.dtype:
             module.to(dtype=dtype)
@@ -635,42 +818,15 @@ def run_dreambooth(config: DreamBoothConfig, pipe: Optional[DiffusionPipeline] =
         return posterior.mean, posterior.std
 
     dataset.encode_latents(encode)
-    latent_shift = latent_scale = None
-    scaling = torch.tensor(float(vae.config.scaling_factor))
-    if getattr(vae.config, "latents_mean", None) is not None:  # e.g. Playground v2.5
-        latent_shift = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
-        latent_scale = scaling / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-    else:
-        latent_scale = scaling
 
     trained_encoders = text_encoders if config.train_text_encoder else []
     set_seed(config.seed)  # the adapter and the search start from the seed, whatever ran before (class images)
-    attach_adapters(config, unet, trained_encoders, pipe.scheduler)
+    attach_adapters(config, unet, trained_encoders, pipe.scheduler, target_modules=recipe.targets(config))
     for module in (unet, *trained_encoders):  # adapters train in float32 under mixed precision
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-
-    sdxl = is_sdxl(unet)
-    prompts = [config.instance_prompt, config.class_prompt or config.instance_prompt]
-    token_ids = [tokenize(tok, prompts) for tok in tokenizers_of(pipe)]
-    cache: dict[str, Any] = {}
-    if config.train_text_encoder:
-        cache.update(text_encoders=trained_encoders, token_ids=token_ids)
-    else:
-        with torch.no_grad():
-            embeds, pooled = encode_tokens(text_encoders, token_ids, sdxl)
-        cache.update(prompt_embeds=embeds.float(), pooled_embeds=None if pooled is None else pooled.float())
-    model = DreamBoothModel(
-        unet,
-        DDPMScheduler.from_config(pipe.scheduler.config),
-        resolution=config.resolution,
-        prior_loss_weight=config.prior_loss_weight,
-        snr_gamma=config.snr_gamma,
-        latent_shift=latent_shift,
-        latent_scale=latent_scale,
-        **cache,
-    )
+    model = recipe.model(config, trained_encoders, vae)
     if config.select == "diffora":
         _select_unet_modules(model, dataset, config, device)
     callbacks = [ValidationImages(pipe, config.validation_prompt, config)] if config.validation_prompt else []
@@ -706,7 +862,7 @@ def _select_unet_modules(model: DreamBoothModel, dataset: Any, config: DreamBoot
         return m({k: v.to(device) for k, v in batch.items()}, generator)
 
     model.to(device)
-    select_before_training(model, dataset, collate_dreambooth, loss, config, adapted=model.unet)
+    select_before_training(model, dataset, collate_dreambooth, loss, config, adapted=model.denoiser)
 
 
 def load_trained_pipeline(

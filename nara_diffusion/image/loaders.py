@@ -5,19 +5,24 @@ The folder mirrors diffusers' LoRA folder (``pytorch_lora_weights.safetensors``)
     my-nara/
       nara_weights.safetensors   every tensor, keys prefixed by component: ``unet.<module>.nara_A.weight`` (r × d_in),
                                  ``unet.<module>.nara_B.weight`` (d_out × r), ``unet.nara_hypernet.<…>`` (the shared
-                                 hypernetwork, with the Fourier buffer ``embedding.W``), the same under
-                                 ``text_encoder.`` / ``text_encoder_2.`` when the text encoders were adapted
-      nara_config.json           {"format": "nara-diffusers", "version": 1, "unet": {NaRAConfig}, "text_encoder": …}
+                                 hypernetwork, with the Fourier buffer ``embedding.W``); ``transformer.`` for SD3 /
+                                 Flux; the same under ``text_encoder.`` / ``text_encoder_2.`` / ``text_encoder_3.``
+                                 when the text encoders were adapted
+      nara_config.json           {"format": "nara-diffusers", "version": 1, "unet": {NaRAConfig}, "text_encoder": …,
+                                  "denoiser": {"component", "class", "family", "convention"}}
       README.md                  the model card: base pipeline (a Hub id, never a local path), method, configs, usage
 
 The config is also stored in the safetensors header (key ``nara_config``), so the weights file alone is enough,
-as with diffusers' LoRA metadata. Adapter names are not stored: they are given when loading.
+as with diffusers' LoRA metadata. Adapter names are not stored: they are given when loading. ``denoiser`` records
+the denoiser's class and how λ is read from its timestep (`nara_diffusion.image.denoisers`); a folder without it
+(written before SD3 / Flux support) is a UNet adapter.
 
-Use it three ways::
+After ``import nara_diffusion`` every diffusers pipeline has these methods (`nara_diffusion._diffusers_hook`)::
 
-    pipe = nd.image.NaRAStableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
-    pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(...))  # any stock pipeline
+    pipe = DiffusionPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")
     pipe.load_nara_weights("my-nara")
+
+and, as before, ``nd.image.enable_nara_loading(pipe)`` or ``nd.image.NaRAStableDiffusionXLPipeline``.
 """
 
 from __future__ import annotations
@@ -50,14 +55,18 @@ from ..core.serialization import (
     read_tensor_file,
 )
 from ..core.tuner import inplace_tuner
-from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
+from .coexistence import keeping_lora, keeping_nara, lora_unwrapped
+from .denoisers import DENOISER_COMPONENTS, FAMILY_BY_NAME, denoiser_of, family_of
+from .prompts import PER_STEP_FAMILIES, disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
 from .unet import TimestepMap, adapter_names, inject_nara, needs_noise_level
 
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "nara_config"
 FORMAT, FORMAT_VERSION = "nara-diffusers", 1
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DENOISER_KEY = "denoiser"
 
 PathOrDict = Union[str, Path, dict[str, torch.Tensor]]
 
@@ -82,7 +91,8 @@ def nara_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dic
         if key.startswith(hyper):
             out["nara_hypernet." + key[len(hyper) :]] = tensor
         elif match := layer.match(key):
-            out[f"{match.group(1)}.{match.group(2)}"] = tensor
+            # a diffusers LoRA loaded on top wraps the NaRA layer: its key is the module's own, without base_layer
+            out[f"{match.group(1)}.{match.group(2)}".replace(".base_layer.", ".")] = tensor
     return out
 
 
@@ -102,12 +112,26 @@ def _config_from_dict(raw: Any, where: str) -> NaRAConfig:
     return build_config(raw, where)
 
 
+def denoiser_record(component: str, model: nn.Module) -> dict[str, str]:
+    """What a saved adapter says about its denoiser: attribute, class, family and λ convention (``nara_config.json``
+    field ``denoiser``); a denoiser of no known family was adapted with a custom ``timestep_to_noise_level``."""
+    family = family_of(model)
+    return {
+        "component": component,
+        "class": type(model).__name__,
+        "family": family.name if family is not None else "custom",
+        "convention": family.convention if family is not None else "a custom timestep_to_noise_level",
+    }
+
+
 def save_nara_weights(
     save_directory: Union[str, Path],
     unet: Optional[nn.Module] = None,
     text_encoder: Optional[nn.Module] = None,
     text_encoder_2: Optional[nn.Module] = None,
     *,
+    transformer: Optional[nn.Module] = None,
+    text_encoder_3: Optional[nn.Module] = None,
     adapter_name: Optional[str] = None,
     is_main_process: bool = True,
     base_model: Optional[str] = None,
@@ -118,7 +142,8 @@ def save_nara_weights(
 
     Args:
         save_directory: The folder to write (replaced if it exists).
-        unet, text_encoder, text_encoder_2: Components carrying NaRA (attached with `inject_nara`); at least one.
+        unet, transformer, text_encoder, text_encoder_2, text_encoder_3: Components carrying NaRA (attached with
+            `inject_nara`); at least one; ``unet`` or ``transformer`` (SD3, Flux) is the denoiser.
         adapter_name: Which adapter to save (default: each component's active one).
         is_main_process: Only the main process writes (as with diffusers' ``save_lora_weights``).
         base_model: The base pipeline's Hub id ``owner/name`` (default: traced from the components' configs; a
@@ -129,9 +154,12 @@ def save_nara_weights(
     Returns:
         The folder.
     """
-    parts = {n: m for n, m in zip(COMPONENTS, (unet, text_encoder, text_encoder_2), strict=True) if m is not None}
+    given = (unet, transformer, text_encoder, text_encoder_2, text_encoder_3)
+    parts = {n: m for n, m in zip(COMPONENTS, given, strict=True) if m is not None}
     if not parts:
-        raise ValueError("Pass at least one of unet=, text_encoder=, text_encoder_2= (modules carrying NaRA).")
+        raise ValueError(f"Pass at least one of {', '.join(c + '=' for c in COMPONENTS)} (modules carrying NaRA).")
+    if unet is not None and transformer is not None:
+        raise ValueError("Pass unet= or transformer= (the pipeline's one denoiser), not both.")
     folder = Path(save_directory)
     if not is_main_process:
         return folder
@@ -147,6 +175,8 @@ def save_nara_weights(
             tensors[f"{prefix}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
         saved[prefix] = tuner.peft_config[name]
         configs[prefix] = _config_to_dict(saved[prefix])
+        if prefix in DENOISER_COMPONENTS:
+            configs[DENOISER_KEY] = denoiser_record(prefix, model)
     text = json.dumps(configs, indent=2, sort_keys=True)
     card = _model_card(parts, saved, base_model, model_card)
 
@@ -222,11 +252,24 @@ def read_nara_weights(
 
     Args:
         path_or_dict: A folder written by `save_nara_weights`, its ``nara_weights.safetensors``, a Hub repo id, or
-            a state dict with ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` keys (then give ``configs``).
+            a state dict with ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
+            ``text_encoder_3.`` keys (then give ``configs``).
         configs: The configs per component, for a state dict (or to override those stored with the weights).
         weight_name: File name inside the folder (default ``nara_weights.safetensors``).
         **hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for the Hub.
     """
+    state, configs, _ = read_nara_folder(path_or_dict, configs, weight_name=weight_name, **hub_kwargs)
+    return state, configs
+
+
+def read_nara_folder(
+    path_or_dict: PathOrDict,
+    configs: Optional[dict[str, NaRAConfig]] = None,
+    *,
+    weight_name: Optional[str] = None,
+    **hub_kwargs: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, NaRAConfig], Optional[dict[str, str]]]:
+    """`read_nara_weights` plus the folder's ``denoiser`` record (`denoiser_record`; None when not stored)."""
     if configs is not None and not all(isinstance(c, NaRAConfig) for c in configs.values()):
         raise TypeError("configs= maps component names to NaRAConfig objects, e.g. {'unet': NaRAConfig(r=4)}.")
     if isinstance(path_or_dict, dict):
@@ -238,7 +281,7 @@ def read_nara_weights(
         if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in path_or_dict.items()):
             raise NaRALoadError("The state dict must map names (str) to tensors.")
         check_tensors(path_or_dict, "the state dict")
-        return dict(path_or_dict), dict(configs)
+        return dict(path_or_dict), dict(configs), None
     weights_path, config_path = _resolve(path_or_dict, weight_name, dict(hub_kwargs))
     if not weights_path.is_file():
         raise FileNotFoundError(
@@ -246,7 +289,7 @@ def read_nara_weights(
         )
     state, metadata = read_tensor_file(weights_path)
     if configs:
-        return state, dict(configs)
+        return state, dict(configs), None
     if config_path.is_file():
         where = str(config_path)
     elif METADATA_KEY in metadata:
@@ -261,7 +304,13 @@ def read_nara_weights(
         raise NaRALoadError(f"{where} holds a JSON {type(raw).__name__}, not a NaRA pipeline adapter config.")
     if raw.get("format") != FORMAT:
         raise NaRALoadError(f"{where} is not a NaRA pipeline adapter config (format {raw.get('format')!r}).")
-    return state, {c: _config_from_dict(raw[c], f"{where} [{c}]") for c in COMPONENTS if c in raw}
+    record = raw.get(DENOISER_KEY)
+    if record is not None and not (
+        isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("component", "class", "family"))
+    ):
+        raise NaRALoadError(f"{where} (field {DENOISER_KEY}) must name the denoiser's component, class and family.")
+    configs = {c: _config_from_dict(raw[c], f"{where} [{c}]") for c in COMPONENTS if c in raw}
+    return state, configs, record
 
 
 def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -274,7 +323,7 @@ def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
         else:
             unknown.append(key)
     if unknown:
-        raise NaRALoadError(f"Keys without a unet./text_encoder./text_encoder_2. prefix: {unknown[:5]}.")
+        raise NaRALoadError(f"Keys without a {'./'.join(COMPONENTS)}. prefix: {unknown[:5]}.")
     return parts
 
 
@@ -294,6 +343,36 @@ def check_fits(model: nn.Module, config: NaRAConfig, state: dict[str, torch.Tens
         raise NaRALoadError(
             f"These NaRA weights do not fit the pipeline's {component} (made for another model, or another "
             f"config?); nothing was changed:\n  {shown}"
+        )
+
+
+def _check_architecture(
+    pipe: Any,
+    parts: dict[str, dict[str, torch.Tensor]],
+    configs: dict[str, NaRAConfig],
+    record: Optional[dict[str, str]],
+    denoiser_name: str,
+    denoiser: nn.Module,
+) -> None:
+    """Refuse, naming both, an adapter trained for another denoiser architecture than ``pipe``'s."""
+    saved = [c for c in DENOISER_COMPONENTS if c in parts or c in configs]
+    if record is None and saved:  # a folder from before the record: a UNet adapter, or a state dict with configs
+        record = {"component": saved[0], "class": "UNet2DConditionModel" if saved[0] == "unet" else "?"}
+        record["family"] = "unet" if saved[0] == "unet" else "?"
+    if record is None:
+        return
+    mine = family_of(denoiser)
+    mine_name = mine.name if mine is not None else "custom"
+    same = record["family"] == mine_name and (mine is not None or record["class"] == type(denoiser).__name__)
+    if record["family"] == "?" and record["component"] == denoiser_name:
+        same = True  # a state dict for a transformer: the shape check decides
+    if not same or record["component"] != denoiser_name:
+        family = FAMILY_BY_NAME.get(record["family"])
+        raise NaRALoadError(
+            f"This adapter was trained for a {record['class']} ({record['component']}"
+            f"{', ' + family.convention if family else ''}), but {type(pipe).__name__}'s denoiser is a "
+            f"{type(denoiser).__name__} ({denoiser_name}); load it into a pipeline of the architecture it was "
+            "trained for. Nothing was changed."
         )
 
 
@@ -340,7 +419,8 @@ class NaRALoaderMixin:
     """``load_nara_weights`` / ``save_nara_weights`` / ``unload_nara_weights`` / ``set_nara_scale`` for pipelines.
 
     Mix it into any diffusers pipeline whose denoiser is a ``unet`` (SDXL, SD 1.5, SD 2.x and their img2img /
-    inpainting variants), or give an existing pipeline these methods with `enable_nara_loading`.
+    inpainting variants) or a ``transformer`` (SD3 / 3.5, Flux), or give an existing pipeline these methods with
+    `enable_nara_loading` (after ``import nara_diffusion`` every pipeline gets them on first use anyway).
     """
 
     nara_loadable_components = COMPONENTS
@@ -353,34 +433,41 @@ class NaRALoaderMixin:
         pretrained_model_name_or_path_or_dict: PathOrDict,
         adapter_name: Optional[str] = None,
         *,
+        weight_name: Optional[str] = None,
         timestep_to_noise_level: Optional[TimestepMap] = None,
         configs: Optional[dict[str, NaRAConfig]] = None,
-        weight_name: Optional[str] = None,
         **hub_kwargs: Any,
     ) -> None:
-        """Load NaRA weights into the pipeline's UNet (and text encoders) and make them the active adapter.
+        """Load NaRA weights into the pipeline's denoiser (``unet`` or ``transformer``) and text encoders and make
+        them the active adapter.
 
-        Every tensor is checked against the pipeline's modules before anything changes; on any error the
-        pipeline is left as it was.
+        Every tensor is checked against the pipeline's modules before anything changes; on any error (a folder
+        trained for another architecture, damaged or misfitting tensors) the pipeline is left as it was. λ is read
+        from the denoiser's timestep by the convention recorded in the folder (`nara_diffusion.image.denoisers`).
+        A diffusers LoRA already loaded stays loaded and keeps acting (NaRA goes inside its layers).
 
         Args:
             pretrained_model_name_or_path_or_dict: A folder from `save_nara_weights` (or a training run's
                 ``final/``), its weights file, a Hub repo id, or a state dict (with ``configs``).
             adapter_name: Name of the adapter (default ``"default"``, then ``"default_1"``, ...).
-            timestep_to_noise_level: The custom timestep → λ map the adapter was trained with, if any.
-            configs: Configs per component, for a state dict.
             weight_name: File name inside the folder.
+            timestep_to_noise_level: The custom timestep → λ map the adapter was trained with, for a denoiser of no
+                known family (SD, SDXL, SD3 and Flux need none).
+            configs: Configs per component, for a state dict.
             **hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only``.
 
         Raises:
             FileNotFoundError: nothing at the path.
-            NaRALoadError (a ValueError): damaged file, unknown component, or weights that do not fit.
+            NaRALoadError (a ValueError): damaged file, unknown component, another architecture, or weights that do
+                not fit.
         """
-        state, configs = read_nara_weights(
+        state, configs, record = read_nara_folder(
             pretrained_model_name_or_path_or_dict, configs, weight_name=weight_name, **hub_kwargs
         )
         parts = _split(state)
         models = self._nara_components()
+        denoiser_name, denoiser = denoiser_of(self)
+        _check_architecture(self, parts, configs, record, denoiser_name, denoiser)
         for component in sorted(set(parts) | set(configs)):
             if component not in parts or component not in configs:
                 raise NaRALoadError(
@@ -389,41 +476,61 @@ class NaRALoaderMixin:
                 )
             if component not in models:
                 raise NaRALoadError(f"The adapter has weights for {component}, which this pipeline lacks.")
-        custom = timestep_to_noise_level is not None
+        family = family_of(denoiser)
+        known_map = family is not None and timestep_to_noise_level is None
+        fmap = family.timestep_to_noise_level if known_map else timestep_to_noise_level
         for component, config in configs.items():
-            if config.noise_input == "noise_level" and not custom:
+            if config.noise_input == "noise_level" and fmap is None:
                 raise NaRALoadError(
                     f"The {component} adapter was trained with a custom timestep → λ map (noise_input='noise_level');"
                     " pass the same map as timestep_to_noise_level=."
                 )
-            if config.noise_input == "timestep" and custom:
-                raise NaRALoadError(f"The {component} adapter reads λ = t/T; it takes no timestep_to_noise_level.")
-            check_fits(models[component], config, parts[component], component)
-        reads_unet = [c for c in parts if c != "unet" and configs[c].needs_noise_level]
-        if reads_unet and "unet" not in parts and inplace_tuner(models["unet"]) is None:
+            if config.noise_input == "timestep" and fmap is not None:
+                raise NaRALoadError(
+                    f"The {component} adapter reads λ = t/T; it takes no timestep_to_noise_level."
+                    if not known_map
+                    else f"The {component} adapter reads λ = t/T, but this pipeline's {type(denoiser).__name__} "
+                    f"gives λ = σ directly ({family.convention}); it was trained for another denoiser."
+                )
+            with lora_unwrapped(models[component]):
+                check_fits(models[component], config, parts[component], component)
+        reads_denoiser = [c for c in parts if c in TEXT_ENCODERS and configs[c].needs_noise_level]
+        if reads_denoiser and denoiser_name not in parts and inplace_tuner(denoiser) is None:
+            kind = "UNet" if denoiser_name == "unet" else "transformer"
             raise NaRALoadError(
-                f"The {' and '.join(reads_unet)} adapter is conditioned on the noise level, which the pipeline reads "
-                "from the timestep of a NaRA UNet; this adapter has no UNet part and the pipeline's UNet carries no "
-                "NaRA adapter. Load an adapter saved with its UNet (or first one for the UNet)."
+                f"The {' and '.join(reads_denoiser)} adapter is conditioned on the noise level, which the pipeline "
+                f"reads from the timestep of a NaRA {kind}; this adapter has no {denoiser_name} part and the "
+                f"pipeline's {denoiser_name} carries no NaRA adapter. Load an adapter saved with its {denoiser_name} "
+                f"(or first one for the {denoiser_name})."
+            )
+        if reads_denoiser and (family is None or family.name not in PER_STEP_FAMILIES):
+            raise NaRALoadError(
+                f"The {' and '.join(reads_denoiser)} adapter is conditioned on the noise level, which needs the prompt "
+                f"re-encoded at every step; that is supported for UNet and SD3 pipelines, not {type(self).__name__}. "
+                "Train the text encoders with NaRA-C (core='constant'), or load the adapter without them. Nothing was "
+                "changed."
             )
         name = _free_name([models[c] for c in parts], adapter_name)
         scheduler = getattr(self, "scheduler", None)
         scheduler_t = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
-        if "unet" in configs and scheduler_t is not None and scheduler_t != configs["unet"].num_train_timesteps:
+        trained = configs.get(denoiser_name)
+        reads_t = trained is not None and trained.noise_input == "timestep"
+        if reads_t and scheduler_t not in (None, trained.num_train_timesteps):
             logger.warning(
                 "The adapter was trained with num_train_timesteps=%d but the pipeline's scheduler has %d; "
                 "λ = t/%d is used as trained.",
-                configs["unet"].num_train_timesteps,
+                trained.num_train_timesteps,
                 scheduler_t,
-                configs["unet"].num_train_timesteps,
+                trained.num_train_timesteps,
             )
         touched = [models[c] for c in parts]
         # all or nothing: a failure in any component restores every component (and its tuner) exactly
         with attach_transaction(*touched, *(inplace_tuner(m) for m in touched)):
             for component in parts:
                 model, config = models[component], dataclasses.replace(configs[component], inference_mode=True)
-                inject_nara(model, config, name, timestep_to_noise_level=timestep_to_noise_level)
-                _load_tensors(model, parts[component], name)
+                with lora_unwrapped(model):  # a loaded diffusers LoRA wraps the NaRA layers again afterwards
+                    inject_nara(model, config, name, timestep_to_noise_level=fmap)
+                    _load_tensors(model, parts[component], name)
                 inplace_tuner(model).set_adapter(name, inference_mode=True)
             self._sync_prompt_encoding()
 
@@ -435,6 +542,8 @@ class NaRALoaderMixin:
         text_encoder: Optional[nn.Module] = None,
         text_encoder_2: Optional[nn.Module] = None,
         *,
+        transformer: Optional[nn.Module] = None,
+        text_encoder_3: Optional[nn.Module] = None,
         adapter_name: Optional[str] = None,
         is_main_process: bool = True,
         base_model: Optional[str] = None,
@@ -444,18 +553,25 @@ class NaRALoaderMixin:
         ``base_model`` and ``model_card`` as in the module-level `save_nara_weights`).
 
         On a pipeline with no components given, saves every component that carries NaRA; on the class (as in
-        training scripts), pass the modules: ``Pipeline.save_nara_weights(path, unet=unet)``.
+        training scripts), pass the modules: ``Pipeline.save_nara_weights(path, unet=unet)`` (SD3 / Flux:
+        ``transformer=transformer``).
         """
-        given = (unet, text_encoder, text_encoder_2)
+        given = dict(
+            unet=unet,
+            transformer=transformer,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            text_encoder_3=text_encoder_3,
+        )
         if isinstance(self_or_cls, NaRALoaderMixin):
-            if all(m is None for m in given):
+            if all(m is None for m in given.values()):
                 carried = {n: m for n, m in self_or_cls._nara_components().items() if inplace_tuner(m) is not None}
-                given = tuple(carried.get(n) for n in COMPONENTS)
+                given = {n: carried.get(n) for n in COMPONENTS}
             # the name the pipeline was loaded under, traced to a Hub id (never written as a local path)
             base_model = hub_base_model(base_model, config_name_or_path(self_or_cls))
         return save_nara_weights(
             save_directory,
-            *given,
+            **given,
             adapter_name=adapter_name,
             is_main_process=is_main_process,
             base_model=base_model,
@@ -463,11 +579,19 @@ class NaRALoaderMixin:
         )
 
     def unload_nara_weights(self) -> None:
-        """Remove every NaRA adapter from the pipeline: its modules compute exactly what they did before."""
+        """Remove every NaRA adapter from the pipeline: its modules compute exactly what they did before (a loaded
+        diffusers LoRA stays)."""
         disable_per_step_prompt_encoding(self)
         for model in self._nara_components().values():
             if inplace_tuner(model) is not None:
-                remove_nara(model)
+                with keeping_lora(model):
+                    remove_nara(model)
+
+    def unload_lora_weights(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``unload_lora_weights``, leaving the NaRA adapters in place (diffusers alone would strip the
+        NaRA layers nested in its LoRA layers while their bookkeeping stayed)."""
+        with keeping_nara(*self._nara_components().values()):
+            return super().unload_lora_weights(*args, **kwargs)  # type: ignore[misc]
 
     def set_nara_scale(self, scale: float) -> None:
         """Multiply the low-rank branch of every loaded NaRA adapter by ``scale`` (absolute: 1.0 restores the
@@ -494,7 +618,7 @@ class NaRALoaderMixin:
         return {n: names for n, m in self._nara_components().items() if (names := adapter_names(m))}
 
     def _sync_prompt_encoding(self) -> None:
-        text_encoders = [m for n, m in self._nara_components().items() if n != "unet"]
+        text_encoders = [m for n, m in self._nara_components().items() if n in TEXT_ENCODERS]
         if any(needs_noise_level(te) for te in text_encoders):
             enable_per_step_prompt_encoding(self)
         else:
@@ -515,10 +639,14 @@ def enable_nara_loading(pipe: Any) -> Any:
 
     ``pipe = nd.image.enable_nara_loading(StableDiffusionXLPipeline.from_pretrained(...))``. The pipeline's
     class becomes a subclass of its own class with the mixin (same name and module, so ``isinstance`` checks,
-    ``save_pretrained`` and ``from_pipe`` behave as before; see `nara_diffusion._compat.add_mixin`).
+    ``save_pretrained`` and ``from_pipe`` behave as before; see `nara_diffusion._compat.add_mixin`). Since
+    ``import nara_diffusion`` gives every pipeline the methods (`nara_diffusion._diffusers_hook`), this call is
+    only needed to convert a pipeline ahead of time.
+
+    Raises:
+        TypeError: the pipeline has neither a ``unet`` nor a ``transformer``.
     """
     if isinstance(pipe, NaRALoaderMixin):
         return pipe
-    if getattr(pipe, "unet", None) is None:
-        raise TypeError(f"{type(pipe).__name__} has no unet; NaRA pipeline loading supports UNet pipelines.")
+    denoiser_of(pipe)
     return add_mixin(pipe, NaRALoaderMixin)

@@ -3,10 +3,12 @@
 A NaRA text encoder is trained with λ = the example's timestep, like the UNet. A diffusers pipeline, however,
 encodes the prompt once, before the denoising loop, when there is no timestep yet. `PerStepPromptEncoding`
 closes that gap without changing the pipeline's ``__call__``: it records the pipeline's ``encode_prompt`` call,
-and a pre-hook on the UNet re-runs that call at every step with the text encoders at λ of the step's timestep
-(cached per timestep), then hands the UNet those embeddings (``encoder_hidden_states`` and, for SDXL, the pooled
-``text_embeds``) in place of the ones encoded before the loop. Classifier-free guidance is recognised from the
-batch: ``[negative, positive]``, in the order every diffusers pipeline concatenates them.
+and a pre-hook on the denoiser (UNet, or SD3's transformer) re-runs that call at every step with the text encoders
+at λ of the step's timestep (cached per timestep), then hands the denoiser those embeddings
+(``encoder_hidden_states`` and the pooled embedding: SDXL's ``text_embeds``, SD3's ``pooled_projections``) in place
+of the ones encoded before the loop. Classifier-free guidance is recognised from the batch: ``[negative,
+positive]``, in the order every diffusers pipeline concatenates them. Flux's ``encode_prompt`` returns another
+tuple (no negative; text ids), so Flux pipelines take NaRA-C text encoders only (the loader says so).
 
 The first step checks that the embeddings the UNet received are exactly what the recorded call produced; a
 pipeline that edits them in between (prompt weighting inside the pipeline, a custom pipeline) gets a clear error
@@ -25,7 +27,13 @@ from torch import nn
 from .._compat import restore_method, shadow_method
 from ..core import noise_level
 from ..core.tuner import inplace_tuner
+from .denoisers import denoiser_of
 from .unet import TimestepReader, needs_noise_level, unet_reader
+
+#: Pipelines whose ``encode_prompt`` returns ``(embeds, negative, pooled, negative_pooled)``; per-step encoding
+#: supports their denoisers' families.
+PER_STEP_FAMILIES = ("unet", "sd3")
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 _ATTR = "_nara_prompt_encoding"
 
@@ -52,21 +60,24 @@ class PerStepPromptEncoding:
     Install with `enable_per_step_prompt_encoding`; `disable_per_step_prompt_encoding` removes it.
 
     Args:
-        pipe: A diffusers pipeline with ``unet``, ``encode_prompt`` and at least one NaRA text encoder.
+        pipe: A diffusers pipeline with a ``unet`` (or SD3's ``transformer``), ``encode_prompt`` and at least one
+            NaRA text encoder.
     """
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
-        self.reader: TimestepReader = unet_reader(pipe.unet)
+        _, denoiser = denoiser_of(pipe)
+        self.reader: TimestepReader = unet_reader(denoiser)
+        self.hidden_position = 2 if self.reader.position == 1 else 1  # UNet (sample, t, hidden); DiT (x, hidden, …)
         self.call: Optional[tuple[tuple, dict]] = None
         self.first: Optional[tuple] = None
         self.cache: dict[float, tuple] = {}
-        self.handle = pipe.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        self.handle = denoiser.register_forward_pre_hook(self._before_unet, with_kwargs=True)
         shadow_method(pipe, "encode_prompt", self._encode_prompt)  # the pipeline's __call__ now calls ours
 
     def text_encoders(self) -> list[nn.Module]:
         """The pipeline's text encoders whose NaRA adapter needs λ."""
-        found = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        found = [getattr(self.pipe, n, None) for n in TEXT_ENCODER_NAMES]
         return [te for te in found if te is not None and needs_noise_level(te)]
 
     @contextlib.contextmanager
@@ -104,7 +115,8 @@ class PerStepPromptEncoding:
     def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.call is None or not self.text_encoders():
             return args, kwargs
-        timestep = torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        position = self.reader.position
+        timestep = torch.as_tensor(kwargs.get("timestep", args[position] if len(args) > position else None))
         flat = timestep.reshape(-1)
         if flat.numel() > 1 and not bool((flat == flat[0]).all()):
             raise ValueError("Per-step prompt encoding needs one timestep per UNet call; got several.")
@@ -113,19 +125,21 @@ class PerStepPromptEncoding:
             self.cache[key] = self._encode(self.reader.value(flat[0]))
         encoded = self.cache[key]
         args, kwargs = list(args), dict(kwargs)
+        at = self.hidden_position
         if "encoder_hidden_states" in kwargs:
             hidden = kwargs["encoder_hidden_states"]
-        elif len(args) > 2:
-            hidden = args[2]
+        elif len(args) > at:
+            hidden = args[at]
         else:
-            raise RuntimeError("The UNet was called without encoder_hidden_states; nothing to condition.")
+            raise RuntimeError("The denoiser was called without encoder_hidden_states; nothing to condition.")
         added = dict(kwargs.get("added_cond_kwargs") or {})
         pooled = len(encoded) >= 4 and "text_embeds" in added
-        if self.first is not None:  # once per pipeline call: did the UNet get what encode_prompt returned?
+        projections = len(encoded) >= 4 and kwargs.get("pooled_projections") is not None  # SD3
+        if self.first is not None:  # once per pipeline call: did the denoiser get what encode_prompt returned?
             same = torch.equal(_stack(self.first[0], self.first[1], hidden, "prompt embeddings"), hidden)
-            if pooled:
-                text_embeds = added["text_embeds"]
-                same = same and torch.equal(_stack(self.first[2], self.first[3], text_embeds, "x"), text_embeds)
+            for used, given in ((pooled, added.get("text_embeds")), (projections, kwargs.get("pooled_projections"))):
+                if used:
+                    same = same and torch.equal(_stack(self.first[2], self.first[3], given, "x"), given)
             if not same:
                 raise RuntimeError(
                     "The pipeline changed the prompt embeddings between encode_prompt and the UNet, so NaRA text "
@@ -136,14 +150,17 @@ class PerStepPromptEncoding:
         if "encoder_hidden_states" in kwargs:
             kwargs["encoder_hidden_states"] = new_hidden
         else:
-            args[2] = new_hidden
+            args[at] = new_hidden
         if pooled:
             added["text_embeds"] = _stack(encoded[2], encoded[3], added["text_embeds"], "pooled prompt embeddings")
             kwargs["added_cond_kwargs"] = added
+        if projections:
+            given = kwargs["pooled_projections"]
+            kwargs["pooled_projections"] = _stack(encoded[2], encoded[3], given, "pooled prompt embeddings")
         return tuple(args), kwargs
 
     def remove(self) -> None:
-        """Give the pipeline its own ``encode_prompt`` back and drop the UNet hook."""
+        """Give the pipeline its own ``encode_prompt`` back and drop the denoiser hook."""
         self.handle.remove()
         restore_method(self.pipe, "encode_prompt")
 

@@ -1,9 +1,10 @@
-"""Masked diffusion language models: native LLaDA, SFT data, the forward process, the SFT objective, fine-tuning,
-the sampler and evaluation. (The lm-eval model, `nara_diffusion.text.lm_eval_model`, needs the ``eval`` extra and is
-imported on its own.)"""
+"""Masked diffusion language models: native LLaDA and Dream, SFT data, the forward process, the SFT objective,
+fine-tuning, the sampler and evaluation. (The lm-eval model, `nara_diffusion.text.lm_eval_model`, needs the ``eval``
+extra and is imported on its own.)"""
 
-from . import llada
+from . import dream, llada
 from .data import collate_sft, load_sft_data, tokenize_sft
+from .dream import DreamConfig, DreamModel
 from .finetune import FinetuneConfig, run_finetune
 from .likelihood import mc_loglikelihood
 from .llada import LLaDAConfig, LLaDAModelLM
@@ -17,6 +18,8 @@ from .scoring import GenerationEval, evaluate_generation, score_answer
 
 __all__ = [
     "Denoiser",
+    "DreamConfig",
+    "DreamModel",
     "FinetuneConfig",
     "GenerationEval",
     "LLaDAConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "MaskedBatch",
     "canvas_noise_level",
     "collate_sft",
+    "dream",
     "evaluate_generation",
     "generate",
     "lift_loss",

@@ -1,4 +1,9 @@
-"""Masked-diffusion SFT of a LLaDA-style model with NaRA, NaRA-C, LoRA or full fine-tuning: the whole run.
+"""Masked-diffusion SFT of a LLaDA or Dream model with NaRA, NaRA-C, LoRA or full fine-tuning: the whole run.
+
+The family comes from the model's config (``model_type`` ``llada`` or ``Dream``) and brings its conventions: the mask
+token (``config.mask_token_id``), the logits shift (Dream predicts position i from position i−1; applied by
+`nara_diffusion.text.objectives.logits_at`), the chat template (the tokenizer's) and its module names (the recipes'
+LLaDA names ``attn_out`` / ``ff_proj`` / ``ff_out`` are mapped to Dream's ``o_proj`` / ``gate_proj`` / ``down_proj``).
 
 ``examples/llada/finetune.py`` is a thin wrapper over `run_finetune`; the same function serves scripts of your own::
 
@@ -33,11 +38,11 @@ from ..training import ADAPTERS, TrainConfig, Trainer, TrainResult, attach_adapt
 from ..training.config import check_float, check_int, describe, option
 from ..training.hub import push_folder_to_hub
 from ..training.loop import has_started
-from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
+from . import dream, llada  # noqa: F401  (register the "llada" and "Dream" model types with the Auto classes)
 from .data import SFTSplits, collate_sft, load_records, load_sft_data
 from .loading import DTYPES, load_adapter, load_base_model
 from .masking import DEFAULT_EPS, MASKING_MODES
-from .model_info import resolve_mask_token_id
+from .model_info import family_target_modules, logits_shift, model_family, resolve_mask_token_id
 from .noise_bins import gather_noise_bins, noise_bin_bounds, noise_bin_name, sample_t_in_bin
 from .objectives import LIFT_POLICIES, LIFT_VARIANTS, RHO_DISTRIBUTIONS, gift_loss, lift_sft_loss, sft_loss
 from .scoring import ANSWER_KINDS, GenerationEval, evaluate_generation
@@ -60,7 +65,7 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
 
     model: str = option(
         "GSAI-ML/LLaDA-8B-Instruct",
-        help="Base masked-diffusion LM: Hub id or local folder.",
+        help="Base masked-diffusion LM (LLaDA or Dream, told apart by its config): Hub id or local folder.",
         aliases=["pretrained_model_name_or_path"],
     )
     dataset: str = option(
@@ -82,7 +87,9 @@ class FinetuneConfig(SelectionConfig, TrainConfig):
     r: int = option(32, help="Adapter rank (NaRAConfig.r; LoRA's r).", aliases=["rank"])
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"],
-        metadata=describe("Module names to adapt (space- or comma-separated)."),
+        metadata=describe(
+            "Module names to adapt (space- or comma-separated), or all-linear; LLaDA's names are mapped to Dream's."
+        ),
     )
     core_scale: float = option(0.1, help="NaRA's η: C(λ) = I + η·F(λ).")
     lora_dropout: float = option(0.05, help="Dropout on the adapter's input.")
@@ -237,9 +244,16 @@ def _masked_diffusion_step(
     ).loss
 
 
-def _save_with_tokenizer(model: nn.Module, folder: Path, tokenizer: Any, sampling: dict[str, Any]) -> None:
-    """An adapter folder: the weights, the tokenizer and ``sampling.json`` (the generation length trained for)."""
-    model.save_pretrained(folder)
+def _save_with_tokenizer(
+    model: nn.Module,
+    folder: Path,
+    tokenizer: Any,
+    sampling: dict[str, Any],
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
+    """An adapter folder: the weights, the tokenizer and ``sampling.json`` (the generation length trained for).
+    ``state_dict``: the gathered full state under FSDP / ZeRO-3 (see `Trainer`)."""
+    model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(folder)
     write_sampling_record(folder, sampling)
 
@@ -255,6 +269,14 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
     if model is None or tokenizer is None:
         model, tokenizer = load_base_model(config.model, config.dtype, config.load_in_4bit)
     mask_token_id = resolve_mask_token_id(model)
+    logger.info(
+        "model family %s: mask token %d, logits shift %d", model_family(model), mask_token_id, logits_shift(model)
+    )
+    if config.test_dataset and logits_shift(model):
+        raise ValueError(
+            f"--test_dataset scores generations with nd.text.generate, which does not apply {model_family(model)}'s "
+            "logits shift yet: drop --test_dataset for this model (training and validation loss are unaffected)."
+        )
     splits = load_sft_data(
         config.dataset,
         tokenizer,
@@ -287,7 +309,7 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
         model,
         config.adapter,
         r=config.r,
-        target_modules=config.target_modules,
+        target_modules=_targets(model, config),
         lora_dropout=config.lora_dropout,
         scaling=config.scaling,
         **options,
@@ -414,7 +436,7 @@ def _run_noise_bins(
             model,
             "lora",
             r=config.r,
-            target_modules=config.target_modules,
+            target_modules=_targets(model, config),
             lora_dropout=config.lora_dropout,
             scaling=config.scaling,
         )
@@ -445,6 +467,13 @@ def _run_noise_bins(
         final_dir=root / "final",
         best_dir=best,
     )
+
+
+def _targets(model: nn.Module, config: FinetuneConfig) -> Union[list[str], str]:
+    """The modules to adapt, in the model family's names; ``all-linear`` (alone) as peft's string."""
+    if list(config.target_modules) == ["all-linear"]:
+        return "all-linear"
+    return family_target_modules(model, config.target_modules)
 
 
 def config_pad_token_id(model: nn.Module) -> Optional[int]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..training.config import check_model_path
-from . import llada  # noqa: F401  (registers the "llada" model type with the Auto classes)
+from . import dream, llada  # noqa: F401  (register the "llada" and "Dream" model types with the Auto classes)
 from .noise_bins import load_noise_bins, noise_bin_folders
 from .trained_sampling import read_sampling_record, set_trained_sampling
 
@@ -19,7 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_base_model(name: str, dtype: str = "float32", load_in_4bit: bool = False) -> tuple[nn.Module, Any]:
-    """Load a masked-diffusion LM and its tokenizer (local folder or Hub id; LLaDA needs no remote code).
+    """Load a masked-diffusion LM and its tokenizer (local folder or Hub id; LLaDA and Dream need no remote code: the
+    family is read from the config's ``model_type``).
 
     Raises:
         ValueError: the model has no ``mask_token_id`` in its config, i.e. is not a masked-diffusion LM.
@@ -42,7 +43,7 @@ def load_base_model(name: str, dtype: str = "float32", load_in_4bit: bool = Fals
     model = AutoModelForMaskedLM.from_pretrained(name, **kwargs)
     if getattr(model.config, "mask_token_id", None) is None:
         raise ValueError(
-            f"{name} has no mask_token_id in its config: it is not a masked-diffusion LM (e.g. LLaDA), so the "
+            f"{name} has no mask_token_id in its config: it is not a masked-diffusion LM (e.g. LLaDA or Dream), so the "
             "masked-diffusion objective cannot be trained on it."
         )
     tokenizer = AutoTokenizer.from_pretrained(name)

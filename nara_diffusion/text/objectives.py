@@ -8,7 +8,8 @@ For a batch of B examples with clean tokens x0, masked positions M_b, noise leve
 `masked_diffusion_loss` is that formula on tensors; `sft_loss` runs the whole step: mask the answers, call the model
 (with ``noise_level=t`` when it carries a NaRA adapter, asking for logits at the masked positions only when the
 model supports it), and compute the loss. It works the same for a NaRA PeftModel, a peft LoRA PeftModel and a
-bare model being fully fine-tuned.
+bare model being fully fine-tuned, and for every model family: `logits_at` reads a shifted family's logits (Dream
+predicts position i from position i−1) at the row before each position, so no objective knows about the shift.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nara_diffusion.core.noise import ComputedNoiseLevel
 from nara_diffusion.core.tuner import is_nara_model
 
 from .masking import DEFAULT_EPS, MaskedBatch, MaskingMode, answer_region, mask_answers, sample_t
-from .model_info import unwrap_parallel
+from .model_info import logits_shift, unwrap_parallel
 
 
 def is_noise_conditioned(model: nn.Module) -> bool:
@@ -49,6 +50,16 @@ def supports_logits_positions(model: nn.Module) -> bool:
         return False
 
 
+def align_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
+    """Full logits ``[B, L, V]`` of a model that predicts ``shift`` positions ahead, re-indexed so that row i predicts
+    the token at position i: row i takes the model's row i − shift, and the first ``shift`` rows take row 0 (Dream's
+    convention: ``cat([logits[:, :1], logits[:, :-1]])``). ``shift`` 0 returns ``logits`` itself."""
+    if shift == 0:
+        return logits
+    source = (torch.arange(logits.shape[1], device=logits.device) - shift).clamp(min=0)
+    return logits.index_select(1, source)
+
+
 def logits_at(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -57,35 +68,46 @@ def logits_at(
     noise_level: Optional[torch.Tensor] = None,
     logits_positions: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Run ``model`` on ``input_ids`` and return the logits at ``positions`` only.
+    """Run ``model`` on ``input_ids`` and return the logits that predict the tokens at ``positions``.
+
+    The family's convention is applied here, once for every objective: a model that predicts ``shift`` positions
+    ahead (`model_info.logits_shift`: Dream's 1) is read at ``position − shift`` (position 0 from itself), so row n
+    of the result always predicts the token at the n-th selected position.
 
     Args:
-        model: Called as ``model(input_ids, [logits_positions=positions], [noise_level=...])``; its output has
-            ``.logits``.
+        model: Called as ``model(input_ids, [logits_positions=...], [noise_level=...])``; its output has ``.logits``.
         input_ids: ``[B, L]``.
         positions: ``[B, L]`` bool; the rows of the result follow ``positions.nonzero()`` (row-major).
         noise_level: ``[B]`` λ computed by the library (see `ComputedNoiseLevel`); passed as ``noise_level=`` when
             given (NaRA models), left out otherwise.
         logits_positions: True: ask the model for those logits only (its forward takes ``logits_positions``);
             False: compute full ``[B, L, V]`` logits and gather; None: True when the model's forward has the
-            parameter. A model that returns full logits anyway is gathered as well.
+            parameter. A model that returns full logits anyway is gathered as well. With a shift, a selected
+            position below the shift (which would read a model row twice) falls back to full logits.
 
     Returns:
         ``[N, V]`` with N = ``positions.sum()``.
     """
     # λ here is computed by the library (a sampled t or a mask fraction), in [0, 1] by construction
     kwargs = {} if noise_level is None else {"noise_level": ComputedNoiseLevel(noise_level)}
+    shift = logits_shift(model)
     if logits_positions is None:
         logits_positions = supports_logits_positions(model)
+    if shift and bool(positions[:, :shift].any()):
+        logits_positions = False
+    source = positions if not shift else F.pad(positions[:, shift:], (0, shift), value=False)
     if logits_positions:
-        kwargs["logits_positions"] = positions
+        kwargs["logits_positions"] = source
     logits = model(input_ids, **kwargs).logits
     if logits.dim() == 3:
         if logits.shape[:2] != positions.shape:
             raise ValueError(
                 f"The model returned logits of shape {tuple(logits.shape)} for input of shape {tuple(positions.shape)}."
             )
-        return logits[positions]
+        if not shift:
+            return logits[positions]
+        rows, cols = positions.nonzero(as_tuple=True)
+        return logits[rows, (cols - shift).clamp(min=0)]
     expected = int(positions.sum())
     if logits.dim() != 2 or logits.shape[0] != expected:
         raise ValueError(

@@ -15,6 +15,7 @@ settings (``trainer_state.json``). Every folder is written by `write_atomically`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -146,13 +147,27 @@ def has_started(output_dir: Path | str) -> bool:
     return (output_dir / LOG_FILE).is_file() or any(p.is_dir() for p in (output_dir / STATE_DIR, new, old))
 
 
-def default_save(model: nn.Module, folder: Path) -> None:
+def default_save(model: nn.Module, folder: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Adapters: the peft adapter folder; full fine-tuning: ``save_pretrained`` of the whole model, or its
-    state dict as ``model.safetensors`` for a plain torch module."""
+    state dict as ``model.safetensors`` for a plain torch module. ``state_dict``: the full (gathered) state of a
+    model whose parameters are sharded (FSDP, ZeRO-3), saved instead of the model's own shards."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
     else:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        state = model.state_dict() if state_dict is None else state_dict
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+
+
+def parameters_sharded(accelerator: Accelerator) -> bool:
+    """True when each process holds only a shard of the parameters (FSDP, DeepSpeed ZeRO-3): saving then gathers the
+    full state first, on every process. DDP and ZeRO-1/2 keep a full replica on every process."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return int(accelerator.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    return False
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -284,6 +299,23 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or build_accelerator(config)
+        self.sharded = parameters_sharded(self.accelerator)
+        logger.info(
+            "engine: %s on %d process(es)%s",
+            self.accelerator.distributed_type.value,
+            self.accelerator.num_processes,
+            " (parameters sharded)" if self.sharded else "",
+        )
+        if self.sharded and "state_dict" not in inspect.signature(save_fn).parameters:
+            raise ValueError(
+                "Under FSDP / ZeRO-3 the weights are gathered before saving: save_fn must accept a state_dict= "
+                "keyword (the full state, to pass to save_pretrained), as default_save does."
+            )
+        if self.sharded and config.resume:
+            raise ValueError(
+                "--resume is not supported under FSDP / ZeRO-3 (state/ holds unsharded tensors only); resume with "
+                "DDP or ZeRO-1/2, or start the run again."
+            )
         set_seed(config.seed)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -405,6 +437,9 @@ class Trainer:
         self._state_step = self.global_step
 
     def _save_state(self) -> None:
+        if self.sharded:  # optimizer moments are sharded too; state/ (for --resume) is written under DDP / ZeRO-1/2
+            self._state_step = self.global_step
+            return
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             write_atomically(self.output_dir / STATE_DIR, self._write_state)
@@ -451,11 +486,14 @@ class Trainer:
         os.replace(tmp, path)
 
     def _save_weights(self, name: str) -> Path:
-        self.accelerator.wait_for_everyone()
+        acc = self.accelerator
+        acc.wait_for_everyone()
         folder = self.output_dir / name
-        if self.accelerator.is_main_process:
-            write_atomically(folder, lambda tmp: self.save_fn(self.accelerator.unwrap_model(self.model), tmp))
-        self.accelerator.wait_for_everyone()
+        # sharded engines: gather the full state on every process (a collective), then the main process writes it once
+        extra = {"state_dict": acc.get_state_dict(self.model)} if self.sharded else {}
+        if acc.is_main_process:
+            write_atomically(folder, lambda tmp: self.save_fn(acc.unwrap_model(self.model), tmp, **extra))
+        acc.wait_for_everyone()
         return folder
 
     def _log(self, metrics: dict[str, Any], trackers: bool = True) -> None:
@@ -548,7 +586,10 @@ class Trainer:
         return TrainResult(self.global_step, self.best_val_loss, final_dir, best if best.exists() else None)
 
     def _check_replicas(self) -> None:
-        """Log a fingerprint of the trained weights from every process; they must agree under data parallelism."""
+        """Log a fingerprint of the trained weights from every process; they must agree under data parallelism.
+        Sharded engines hold one copy of each parameter (no replicas to compare): nothing is logged."""
+        if self.sharded:
+            return
         trained = [
             p.detach().double() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad
         ]
