@@ -1,40 +1,54 @@
-"""Quality on the toy image task (issue 7): DreamBooth with peft LoRA vs NaRA vs NaRA-C on the toy SDXL pipeline.
+"""Quality on the toy image task (issue 15): DreamBooth with peft LoRA vs NaRA vs NaRA-C on the toy SDXL pipeline.
 
 Each method fine-tunes ``examples/sdxl_dreambooth/toy`` on the five photos of the striped ball in
-``examples/sdxl_dreambooth/images`` with the toy default's settings (`toy_dreambooth_defaults`: 32 px, 300 updates
-of batch 4, learning rate 1e-3, prior preservation with 20 base-model images of "a photo of a circle", which
-``--no_prior_preservation`` turns off), once per training seed, and is scored on images generated with fixed seeds 0-3:
+``examples/sdxl_dreambooth/images`` with the toy default's settings (`toy_dreambooth_defaults`; prior preservation
+unless ``--no_prior_preservation``), once per training seed, and is scored on images generated with fixed sampling
+seeds (``--eval_seeds``, 20 Euler steps, guidance 5):
 
-- subject fidelity: `subject_similarity` of "a photo of sks toy" to the instance photos;
-- prompt fidelity: share of the border in the named colour for "a photo of sks toy on a {green,yellow}
-  background" (`prompt_fidelity`), and the subject similarity of those same images.
+- subject fidelity: `subject_similarity` of each "a photo of sks toy" image to the instance photos;
+- prompt fidelity: for "a photo of sks toy on a {green,yellow} background", the share of each image's border frame
+  in the named colour (`prompt_fidelity`), and the subject similarity of those same images.
 
 LoRA runs twice: at NaRA's rank (4) and at the rank whose trainable-parameter count comes closest to NaRA's total
-(factors + its shared hypernetwork). Writes ``quality_image.md`` (the table) and ``quality_image_grid.png`` to
-``--output_dir``.
+(factors + its shared hypernetwork). Per method: mean, sample standard deviation and a 95% t-interval over training
+seeds (each seed's score is its mean over the sampled images); per comparison with LoRA: the paired difference with
+a 95% bootstrap interval resampling training seeds and sampled images (`benchmarks/_stats.py`).
 
-    OMP_NUM_THREADS=1 python benchmarks/quality_image.py --seeds 0 1 2 --output_dir benchmarks/results
+Every finished (method, seed) run is cached as JSON (+ its seed-0 pictures) under
+``<output_dir>/quality_image_runs[_no_prior]/``, keyed by its settings: re-running skips finished runs, and a
+changed setting or toy pipeline reruns them; runs with disjoint ``--seeds`` may go in parallel, and a last run with
+all seeds then only collects them. ``--quick`` is a smoke test (2 updates, 2 sampling steps, one seed).
+Writes ``quality_image[_no_prior].md`` (the tables) and ``quality_image_grid[_no_prior].png`` to ``--output_dir``.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality_image.py --output_dir benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import shutil
-import tempfile
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from diffusers.utils import make_image_grid
 from PIL import Image
+from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _stats
+
+from nara_diffusion.core.folders import write_atomically
 from nara_diffusion.image.dreambooth import DreamBoothConfig, load_base_pipeline
 from nara_diffusion.toy.dreambooth import (
     CONTEXT_BACKGROUNDS,
     ToyScores,
+    labelled_grid,
     run_toy_dreambooth,
     score_toy_subject,
     toy_dreambooth_defaults,
@@ -43,13 +57,21 @@ from nara_diffusion.toy.image import load_reference_images
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sdxl_dreambooth"
 RANK = 4
+METRICS = {"subject": "subject fidelity", "context_prompt": "prompt fidelity (background)",
+           "context_subject": "subject fidelity on other backgrounds"}  # fmt: skip
+QUICK = {"max_steps": 2, "num_inference_steps": 2, "num_class_images": 2, "sample_batch_size": 2}
 
 
-@dataclass
-class Method:
+class Method(NamedTuple):
+    """A compared adapter: its table name, ``DreamBoothConfig.adapter`` and rank."""
+
     name: str
     adapter: str
     r: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.adapter}-r{self.r}"
 
 
 def trainable_parameters(adapter: str, r: int) -> int:
@@ -73,72 +95,169 @@ def methods() -> list[tuple[Method, int]]:
     return [(m, trainable_parameters(m.adapter, m.r)) for m in chosen]
 
 
-def _row_images(scores: ToyScores) -> list[Image.Image]:
-    """Two instance-prompt images (seeds 0, 1) and each context prompt's seed-0 image."""
+def pipeline_digest() -> str:
+    """sha256 of the toy pipeline's weight files: a retrained toy invalidates the cache."""
+    digest = hashlib.sha256()
+    for path in sorted((EXAMPLE / "toy").rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short hash of the settings that determine a run's scores."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_run(cache: Path, name: str, settings: dict[str, Any], compute) -> tuple[dict, list[Image.Image]]:
+    """``compute()`` → (record, pictures), or the cached result of the same ``settings`` under ``cache/name``."""
+    folder = cache / name
+    key = settings_key(settings)
+    record_path = folder / "record.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("settings_key") == key:
+            pictures = [Image.open(p).convert("RGB") for p in sorted(folder.glob("picture-*.png"))]
+            return record, pictures
+    record, pictures = compute()
+    record = {**record, "settings_key": key, "settings": settings}
+
+    def write(tmp: Path) -> None:
+        (tmp / "record.json").write_text(json.dumps(record, indent=1))
+        for i, picture in enumerate(pictures):
+            picture.save(tmp / f"picture-{i}.png")
+
+    try:
+        write_atomically(folder, write)
+    except OSError:  # a parallel run wrote the same record (the base model's) at the same moment
+        if json.loads(record_path.read_text()).get("settings_key") != key:
+            raise
+    return record, pictures
+
+
+def grid_pictures(scores: ToyScores) -> list[Image.Image]:
+    """Two instance-prompt images (the first two sampling seeds) and each context prompt's first image."""
     per_prompt = len(scores.context_images) // len(CONTEXT_BACKGROUNDS)
     return [*scores.instance_images[:2], *scores.context_images[::per_prompt]]
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+def _fmt(summary: _stats.Summary) -> str:
+    if summary.n == 1:
+        return f"{summary.mean:.3f}"
+    return f"{summary.mean:.3f} ± {summary.std:.3f} [{summary.low:.3f}, {summary.high:.3f}]"
 
 
-def run(seeds: list[int], out_dir: Path, prior_preservation: bool = True) -> str:
-    """Train and score every method with every training seed; write the table and the grid to ``out_dir``; return
-    the Markdown table. ``prior_preservation=False`` turns off the toy default's prior preservation (files get a
-    ``_no_prior`` suffix)."""
+def _fmt_diff(d: _stats.PairedDifference) -> str:
+    return f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+
+
+def run(
+    seeds: list[int],
+    eval_seeds: list[int],
+    out_dir: Path,
+    prior_preservation: bool = True,
+    quick: bool = False,
+    progress: bool = True,
+) -> str:
+    """Train and score every method with every training seed (cached), write the tables and the grid to
+    ``out_dir``; return the Markdown."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = ("" if prior_preservation else "_no_prior") + ("_quick" if quick else "")
+    cache = out_dir / f"quality_image_runs{suffix}"
+    cache.mkdir(parents=True, exist_ok=True)
     defaults = toy_dreambooth_defaults(EXAMPLE / "toy", EXAMPLE / "images")
-    defaults["with_prior_preservation"] = prior_preservation
-    suffix = "" if prior_preservation else "_no_prior"
+    defaults.update(with_prior_preservation=prior_preservation, validation_prompt=None, report_to="none")
+    if quick:
+        defaults.update(QUICK)
     references = load_reference_images(EXAMPLE / "images")
-    base = score_toy_subject(load_base_pipeline(defaults["model"]), references)
-    lines = [
-        "| method | rank | trainable params | subject fidelity | prompt fidelity (background) "
-        "| subject fidelity on other backgrounds | s / run |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines.append(f"| base model (no fine-tuning) | – | 0 | {base.subject:.3f} | {base.context_prompt:.3f} | "
-                 f"{base.context_subject:.3f} | – |")  # fmt: skip
-    grid_rows = [_row_images(base)]
-    work = tempfile.mkdtemp(prefix="quality_image_")  # adapter folders: not results
-    for method, params in methods():
-        subject, prompt, context_subject, seconds = [], [], [], []
-        for seed in seeds:
+    digest = pipeline_digest()
+    score_kw = {"seeds": eval_seeds, "num_inference_steps": defaults["num_inference_steps"]}
+    shared = {"pipeline": digest, "eval_seeds": eval_seeds, **{k: v for k, v in defaults.items() if k != "output_dir"}}
+    shared.pop("model"), shared.pop("instance_data_dir")
+
+    def score_base() -> tuple[dict, list[Image.Image]]:
+        scores = score_toy_subject(load_base_pipeline(defaults["model"]), references, **score_kw)
+        return {"per_image": scores.per_image, "seconds": 0.0}, grid_pictures(scores)
+
+    base, base_pictures = cached_run(cache, "base", {**shared, "base": True}, score_base)
+    chosen = methods()
+    jobs = [(m, params, s) for m, params in chosen for s in seeds]
+    records: dict[str, list[dict]] = {m.key: [] for m, _ in chosen}
+    pictures: dict[str, list[Image.Image]] = {}
+    bar = tqdm(jobs, desc="quality_image", unit="run", disable=not progress)
+    for method, _params, seed in bar:
+        bar.set_postfix_str(f"{method.name} seed {seed}")
+        settings = {**shared, "adapter": method.adapter, "r": method.r, "seed": seed}
+
+        def train(method: Method = method, seed: int = seed) -> tuple[dict, list[Image.Image]]:
             config = DreamBoothConfig(
-                **{**defaults, "adapter": method.adapter, "r": method.r, "seed": seed, "validation_prompt": None,
-                   "report_to": "none", "output_dir": str(Path(work) / f"{method.adapter}-r{method.r}-s{seed}")}
+                **{**defaults, "adapter": method.adapter, "r": method.r, "seed": seed,
+                   "output_dir": str(cache / "work" / f"{method.key}-s{seed}"),
+                   "class_data_dir": str(cache / "work" / f"class_images-s{seed}")}
             )  # fmt: skip
             start = time.perf_counter()
-            report = run_toy_dreambooth(config)
-            seconds.append(time.perf_counter() - start)
-            subject.append(report.after.subject)
-            prompt.append(report.after.context_prompt)
-            context_subject.append(report.after.context_subject)
-            if seed == seeds[0]:
-                grid_rows.append(_row_images(report.after))
-            logging.info("%s seed %d: %s (%.0f s)", method.name, seed, report.after, seconds[-1])
-        lines.append(f"| {method.name} | {method.r} | {params:,} | {_fmt(subject)} | {_fmt(prompt)} | "
-                     f"{_fmt(context_subject)} | {np.mean(seconds):.0f} |")  # fmt: skip
-    tiles = [img.resize((96, 96), Image.Resampling.NEAREST) for row in grid_rows for img in row]
-    grid = make_image_grid(tiles, rows=len(grid_rows), cols=len(grid_rows[0]))
-    grid.save(out_dir / f"quality_image_grid{suffix}.png")
-    shutil.rmtree(work, ignore_errors=True)
+            report = run_toy_dreambooth(config, seeds=eval_seeds, score_before=False)
+            seconds = time.perf_counter() - start
+            shutil.rmtree(config.output_dir, ignore_errors=True)  # the adapter folder: not a result
+            logging.info("%s seed %d: %s (%.0f s)", method.name, seed, report.after, seconds)
+            return {"per_image": report.after.per_image, "seconds": seconds}, grid_pictures(report.after)
+
+        record, run_pictures = cached_run(cache, f"{method.key}-s{seed}", settings, train)
+        records[method.key].append(record)
+        if seed == seeds[0]:
+            pictures[method.key] = run_pictures
+
+    for seed in seeds:  # this run's class images (a parallel run with other seeds keeps its own)
+        shutil.rmtree(cache / "work" / f"class_images-s{seed}", ignore_errors=True)
+
+    def per_seed(record_list: list[dict], metric: str) -> list[float]:
+        return [float(np.mean(r["per_image"][metric])) for r in record_list]
+
+    header = " | ".join(METRICS.values())
+    lines = [f"| method | rank | trainable params | {header} | s / run |", "|---|---|---|---|---|---|---|"]
+    lines.append(
+        "| base model (no fine-tuning) | – | 0 | "
+        + " | ".join(f"{np.mean(base['per_image'][m]):.3f}" for m in METRICS)
+        + " | – |"
+    )
+    for method, params in chosen:
+        cells = [_fmt(_stats.summarize(per_seed(records[method.key], m))) for m in METRICS]
+        seconds = np.mean([r["seconds"] for r in records[method.key]])
+        lines.append(f"| {method.name} | {method.r} | {params:,} | {' | '.join(cells)} | {seconds:.0f} |")
+    by_key = {m.key: m for m, _ in chosen}
+    lora, matched = chosen[0][0], chosen[1][0]
+    lines += ["", f"| paired difference (95% bootstrap interval) | {header} |", "|---|---|---|---|"]
+    for a, b in (("nara-r4", lora.key), ("nara-r4", matched.key), ("nara-c-r4", lora.key)):
+        cells = [
+            _fmt_diff(_stats.paired_bootstrap([r["per_image"][m] for r in records[a]],
+                                              [r["per_image"][m] for r in records[b]]))
+            for m in METRICS
+        ]  # fmt: skip
+        lines.append(f"| {by_key[a].name} − {by_key[b].name} | {' | '.join(cells)} |")
     table = "\n".join(lines) + "\n"
+
+    rows = [base_pictures, *(pictures[m.key] for m, _ in chosen)]
+    row_titles = ["base model", *(f"{m.name}\n(training seed {seeds[0]})" for m, _ in chosen)]
+    columns = [f"sks toy\nsample {eval_seeds[0]}", f"sks toy\nsample {eval_seeds[min(1, len(eval_seeds) - 1)]}"]
+    columns += [f"on {c}\nsample {eval_seeds[0]}" for c in CONTEXT_BACKGROUNDS]
+    if len(eval_seeds) == 1:
+        columns = columns[:1] + columns[2:]  # `grid_pictures` took the one instance image once
+    labelled_grid(rows, row_titles, columns, zoom=3).save(out_dir / f"quality_image_grid{suffix}.png")
     (out_dir / f"quality_image{suffix}.md").write_text(table)
     return table
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/results"), help="folder of the table")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument("--eval_seeds", type=int, nargs="+", default=list(range(8)), help="sampling seeds")
+    parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/results"), help="folder of the tables")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no_prior_preservation", action="store_true", help="turn off the toy default's prior")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 updates, 2 sampling steps, seed 0 only")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     for noisy in ("accelerate", "diffusers", "transformers", "nara_diffusion"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    print(run(args.seeds, args.output_dir, prior_preservation=not args.no_prior_preservation))
+    seeds, eval_seeds = (args.seeds[:1], args.eval_seeds[:1]) if args.quick else (args.seeds, args.eval_seeds)
+    print(run(seeds, eval_seeds, args.output_dir, prior_preservation=not args.no_prior_preservation, quick=args.quick))

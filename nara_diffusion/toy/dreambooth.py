@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from accelerate import PartialState
-from diffusers.utils import make_image_grid
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ..image.dreambooth import DreamBoothConfig, load_base_pipeline, run_dreambooth
 from .image import TOY_RESOLUTION, load_reference_images, prompt_fidelity, subject_similarity
@@ -41,11 +40,12 @@ REAL_RUN_FLAGS = ("--model", "--pretrained_model_name_or_path", "--config", "--i
 
 
 def toy_dreambooth_defaults(pipeline_dir: Union[str, Path], images_dir: Union[str, Path]) -> dict[str, Any]:
-    """`DreamBoothConfig` fields of the toy run: the toy pipeline and subject at 32 px, NaRA rank 4, 300 updates
-    of batch 4 at learning rate 1e-3 (toy scale: the diffusers recipe's 1e-4 × 500 barely moves a model this small),
-    centre crops (random 32-px crops of the wide photos cut the ball), prior preservation with 20 images of
-    "a photo of a circle" made by the base model (without it, "sks toy" drags every prompt that contains it to the
-    instance photos: background match 0.00 instead of 0.24 in BENCHMARKS.md), one validation grid at the end."""
+    """`DreamBoothConfig` fields of the toy run: the toy pipeline and subject at 32 px, NaRA rank 4, 150 updates
+    of batch 4 at learning rate 1e-3 (toy scale: the diffusers recipe's 1e-4 × 500 barely moves a model this small;
+    300 updates or learning rate 3e-3 scored no better on the subject and kept less of the backgrounds), centre
+    crops (random 32-px crops of the wide photos cut the ball), prior preservation with 20 images of "a photo of a
+    circle" made by the base model (without it, "sks toy" drags every prompt that contains it towards the instance
+    photos), one validation grid at the end."""
     return {
         "model": str(Path(pipeline_dir).resolve()),
         "instance_data_dir": str(Path(images_dir).resolve()),
@@ -58,7 +58,7 @@ def toy_dreambooth_defaults(pipeline_dir: Union[str, Path], images_dir: Union[st
         "sample_batch_size": 10,
         "r": 4,
         "learning_rate": 1e-3,
-        "max_steps": 300,
+        "max_steps": 150,
         "batch_size": 4,
         "grad_accum": 1,
         "validation_prompt": context_prompts()[0],
@@ -78,13 +78,16 @@ def is_toy_run(argv: Sequence[str]) -> bool:
 @dataclass
 class ToyScores:
     """Subject fidelity of the instance prompt's images and prompt (background) fidelity and subject fidelity of
-    the recontextualised ones, each a mean over prompts and seeds in [0, 1]; the images, prompt-major."""
+    the recontextualised ones, each a mean over prompts and seeds in [0, 1]; the prompts (instance prompt first),
+    the images (prompt-major) and each image's scores (``per_image[name]``, in the images' order)."""
 
     subject: float
     context_prompt: float
     context_subject: float
     instance_images: list[Image.Image] = field(repr=False)
     context_images: list[Image.Image] = field(repr=False)
+    prompts: list[str] = field(default_factory=list, repr=False)
+    per_image: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
 def score_toy_subject(
@@ -102,24 +105,79 @@ def score_toy_subject(
     contexts = context_prompts(instance_prompt)
     instance = generate(pipe, [instance_prompt], seeds, **kw)
     context = generate(pipe, contexts, seeds, **kw)
-    fidelity = [prompt_fidelity(img, contexts[k // len(seeds)]) for k, img in enumerate(context)]
+    per_image = {
+        "subject": [subject_similarity([img], references) for img in instance],
+        "context_prompt": [prompt_fidelity(img, contexts[k // len(seeds)]) for k, img in enumerate(context)],
+        "context_subject": [subject_similarity([img], references) for img in context],
+    }
+    mean = {name: float(sum(v) / len(v)) for name, v in per_image.items()}
     return ToyScores(
-        subject=subject_similarity(instance, references),
-        context_prompt=float(sum(fidelity) / len(fidelity)),
-        context_subject=subject_similarity(context, references),
+        **mean,
         instance_images=instance,
         context_images=context,
+        prompts=[instance_prompt, *contexts],
+        per_image=per_image,
     )
 
 
-def before_after_grid(before: ToyScores, after: ToyScores, path: Union[str, Path], zoom: int = 4) -> Path:
-    """One PNG: rows = instance prompt before, after; first context prompt before, after (``zoom``× nearest)."""
+def labelled_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    row_titles: Sequence[str],
+    column_titles: Sequence[str],
+    zoom: int = 4,
+    gap: int = 4,
+) -> Image.Image:
+    """One picture of ``rows`` of equally sized images, each magnified ``zoom``× (nearest neighbour), with a title
+    left of every row and above every column (both may span lines), in PIL's built-in bitmap font (no download).
+
+    Raises:
+        ValueError: the titles do not match the rows and columns.
+    """
+    columns = len(column_titles)
+    if len(row_titles) != len(rows) or any(len(row) != columns for row in rows):
+        raise ValueError(f"{len(rows)} rows of {[len(r) for r in rows]} images need {len(rows)} row titles and "
+                         f"{columns} column titles per row; got {len(row_titles)} row titles.")  # fmt: skip
+    font = ImageFont.load_default_imagefont()
+    tile_w, tile_h = rows[0][0].width * zoom, rows[0][0].height * zoom
+    line_h = font.getbbox("Ag")[3] + 2
+
+    def text_width(text: str) -> int:
+        return max(font.getbbox(line)[2] for line in text.split("\n"))
+
+    left = max(text_width(t) for t in row_titles) + 2 * gap
+    top = max(len(t.split("\n")) for t in column_titles) * line_h + gap
+    canvas = Image.new("RGB", (left + columns * (tile_w + gap), top + len(rows) * (tile_h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(column_titles):
+        x = left + j * (tile_w + gap) + (tile_w - text_width(title)) // 2
+        draw.multiline_text((x, gap // 2), title, fill="black", font=font, spacing=2)
+    for i, (title, row) in enumerate(zip(row_titles, rows, strict=True)):
+        y = top + i * (tile_h + gap)
+        height = len(title.split("\n")) * line_h
+        draw.multiline_text((gap, y + (tile_h - height) // 2), title, fill="black", font=font, spacing=2)
+        for j, image in enumerate(row):
+            tile = image.convert("RGB").resize((tile_w, tile_h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (left + j * (tile_w + gap), y))
+    return canvas
+
+
+def before_after_grid(
+    before: ToyScores, after: ToyScores, path: Union[str, Path], seeds: Sequence[int] = EVAL_SEEDS, zoom: int = 4
+) -> Path:
+    """One labelled PNG: for the instance prompt and each context prompt, a row before and a row after training;
+    one column per sampling seed."""
     n = len(before.instance_images)
-    rows = [before.instance_images, after.instance_images, before.context_images[:n], after.context_images[:n]]
-    tiles = [img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST) for row in rows for img in row]
+    rows, titles = [], []
+    contexts = len(before.context_images) // n
+    for k in range(1 + contexts):
+        for name, scores in (("before", before), ("after", after)):
+            images = scores.instance_images if k == 0 else scores.context_images[(k - 1) * n : k * n]
+            rows.append(images)
+            titles.append(f"{name}:\n{scores.prompts[k]}")
+    grid = labelled_grid(rows, titles, [f"seed {s}" for s in seeds[:n]], zoom=zoom)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(tiles, rows=len(rows), cols=n).save(path)
+    grid.save(path)
     return path
 
 
@@ -140,9 +198,11 @@ def run_toy_dreambooth(
     pipe: Optional[Any] = None,
     grid_name: str = "before_after.png",
     seeds: Sequence[int] = EVAL_SEEDS,
+    score_before: bool = True,
 ) -> ToyRunReport:
     """Score the base pipeline, train (`run_dreambooth`), score again (pictures from ``seeds``) and write
-    ``<output_dir>/<grid_name>``.
+    ``<output_dir>/<grid_name>``. ``score_before=False`` skips the base's scores and the grid (a benchmark scores
+    the base once).
 
     Under ``accelerate launch`` every process trains; only the main one generates and scores.
     """
@@ -151,7 +211,7 @@ def run_toy_dreambooth(
     pipe = pipe or load_base_pipeline(config.model)
     references = load_reference_images(config.instance_data_dir, config.resolution)
     kw = {"instance_prompt": config.instance_prompt, "num_inference_steps": config.num_inference_steps, "seeds": seeds}
-    before = score_toy_subject(pipe, references, **kw) if main else None
+    before = score_toy_subject(pipe, references, **kw) if main and score_before else None
     result = run_dreambooth(config, pipe)
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
         module.eval()
@@ -159,7 +219,8 @@ def run_toy_dreambooth(
     after = grid = None
     if main:
         after = score_toy_subject(pipe, references, **kw)
-        grid = before_after_grid(before, after, Path(config.output_dir) / grid_name)
+        if before is not None:
+            grid = before_after_grid(before, after, Path(config.output_dir) / grid_name, seeds)
     return ToyRunReport(before, after, grid, result.final_dir, result.global_step, trainable)
 
 
@@ -172,6 +233,7 @@ __all__ = [
     "before_after_grid",
     "context_prompts",
     "is_toy_run",
+    "labelled_grid",
     "run_toy_dreambooth",
     "score_toy_subject",
     "toy_dreambooth_defaults",

@@ -2,18 +2,21 @@
 
 The toy text-to-image world (`draw_scene`, `random_scene`) is one shape (circle, square or triangle) in one of six
 colours (`PALETTE`) on a plain background of another palette colour, captioned like ``"a red circle on a blue
-background"``. Everything is drawn at `TOY_RESOLUTION` = 32 px and is a deterministic function of its seed.
+background"``. A third of the shapes are striped: vertical bands of their colour and white (`WHITE`, no palette
+colour), 4-7 px wide, captioned ``"a striped red circle on a blue background"``; so stripes and white are in the
+toy's vocabulary, as a real base model knows striped things before DreamBooth teaches it one. Everything is drawn
+at `TOY_RESOLUTION` = 32 px and is a deterministic function of its seed.
 
-The DreamBooth subject (`draw_subject_images`) is what the toy world never shows: a ball with vertical red and white
-stripes (white is not a palette colour, and no scene the UNet and text encoders learn from is patterned; only the
-VAE's generic `codec_image` pictures are), photographed five times on blue, orange and purple backgrounds at
-different sizes and positions.
+The DreamBooth subject (`draw_subject_images`) is one particular thing the toy world has no word for: a ball with
+vertical red and white stripes, photographed five times on blue, orange and purple backgrounds at different sizes
+and positions, to be called "sks toy".
 
 Metrics (images are ``[H, W, 3]`` uint8 arrays or PIL images):
 
 - `classify_scene` reads a scene back: the background colour (majority palette colour of the border frame), the
-  shape colour (majority palette colour of the other pixels) and the shape (fill ratio of its bounding box:
-  triangle ½, circle π/4, square 1). `prompt_fidelity` scores an image against the colours a prompt names.
+  shape colour (majority palette colour of the other pixels) and the shape (fill ratio of the bounding box of the
+  pixels in the shape colour or white: triangle ½, circle π/4, square 1). `prompt_fidelity` scores an image
+  against the colours a prompt names.
 - `subject_similarity` compares an image with the instance images; see its docstring for why it is built so.
 """
 
@@ -48,7 +51,11 @@ FILL_RATIOS = {"triangle": 0.5, "circle": float(np.pi / 4), "square": 1.0}
 TOY_WORDS = (
     "a photo of sks toy ball striped on the in background white dog snow beach".split() + list(PALETTE) + list(SHAPES)
 )
-SUBJECT_RED, SUBJECT_WHITE = (220, 30, 40), (250, 250, 250)
+#: The second colour of striped shapes and of the subject (not a palette colour).
+WHITE = (250, 250, 250)
+SUBJECT_RED, SUBJECT_WHITE = (220, 30, 40), WHITE
+#: Share of striped shapes in `random_scene`, and their band widths in px (both ends included).
+STRIPED_SHARE, BAND_RANGE = 1 / 3, (4, 7)
 #: A pixel farther than this from every palette colour (RGB distance, 0-441) is "other".
 COLOUR_TOLERANCE = 90.0
 
@@ -56,7 +63,9 @@ COLOUR_TOLERANCE = 90.0
 # -- scenes -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scene:
-    """One toy scene: ``shape`` of ``colour`` with centre ``(cx, cy)`` and half-size ``radius`` on ``background``."""
+    """One toy scene: ``shape`` of ``colour`` with centre ``(cx, cy)`` and half-size ``radius`` on ``background``;
+    ``band`` > 0 makes it striped (vertical bands of ``colour`` and white, ``band`` px wide, one of ``colour``
+    through the centre)."""
 
     shape: str
     colour: str
@@ -64,24 +73,36 @@ class Scene:
     cx: int
     cy: int
     radius: int
+    band: int = 0
 
     def caption(self, template: int = 0) -> str:
-        """Template 0: ``"a red circle on a blue background"``; 1: with ``"a photo of"``; 2: shape only;
-        3: background only."""
-        full = f"a {self.colour} {self.shape} on a {self.background} background"
-        return [full, f"a photo of {full}", f"a {self.colour} {self.shape}", f"a {self.background} background"][
-            template
-        ]
+        """Template 0: ``"a red circle on a blue background"`` (``"a striped red circle ..."`` when striped);
+        1: with ``"a photo of"``; 2: shape only; 3: background only."""
+        thing = f"{'striped ' if self.band else ''}{self.colour} {self.shape}"
+        full = f"a {thing} on a {self.background} background"
+        return [full, f"a photo of {full}", f"a {thing}", f"a {self.background} background"][template]
 
 
-def random_scene(generator: np.random.Generator, size: int = TOY_RESOLUTION) -> Scene:
-    """A scene with shape, colours (shape ≠ background), size and position drawn from ``generator``."""
+def random_scene(generator: np.random.Generator, size: int = TOY_RESOLUTION, striped: float = STRIPED_SHARE) -> Scene:
+    """A scene with shape, colours (shape ≠ background), size, position and (with probability ``striped``)
+    stripes drawn from ``generator``."""
     names = list(PALETTE)
     colour, background = generator.choice(len(names), size=2, replace=False)
     radius = int(generator.integers(size * 7 // 32, size * 11 // 32 + 1))
     cx, cy = (int(generator.integers(radius + 1, size - radius)) for _ in range(2))
     shape = SHAPES[int(generator.integers(len(SHAPES)))]
-    return Scene(shape, names[colour], names[background], cx, cy, radius)
+    # striped=0 draws nothing more: the plain world's scene sequence (the toy's first pretraining stage) is unchanged
+    band = int(generator.integers(BAND_RANGE[0], BAND_RANGE[1] + 1)) if striped and generator.random() < striped else 0
+    return Scene(shape, names[colour], names[background], cx, cy, radius, band)
+
+
+def stripes(size: tuple[int, int], cx: int, colour: tuple[int, int, int], band: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 vertical bands of ``colour`` and `WHITE`, ``band`` px wide, one of ``colour`` centred on
+    column ``cx`` (``size`` is (width, height))."""
+    width, height = size
+    dx = np.arange(width) - cx
+    first = (((dx + band // 2) // band) % 2 == 0)[None, :, None]
+    return np.broadcast_to(np.where(first, colour, WHITE), (height, width, 3)).astype(np.uint8)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
@@ -105,7 +126,9 @@ def draw_scene(scene: Scene, size: int = TOY_RESOLUTION, fill: Optional[np.ndarr
         draw.ellipse((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=255)
     else:
         draw.polygon(shape_polygon(scene.shape, cx - 0.5, cy - 0.5, r - 0.5), fill=255)
-    if fill is None:
+    if fill is None and scene.band:
+        paint = Image.fromarray(stripes((size, size), cx, PALETTE[scene.colour], scene.band))
+    elif fill is None:
         paint = Image.new("RGB", (size, size), PALETTE.get(scene.colour, (0, 0, 0)))
     else:
         paint = Image.fromarray(fill)
@@ -113,10 +136,10 @@ def draw_scene(scene: Scene, size: int = TOY_RESOLUTION, fill: Optional[np.ndarr
     return image
 
 
-def random_scenes(n: int, seed: int, size: int = TOY_RESOLUTION) -> list[Scene]:
-    """``n`` scenes, deterministic in ``seed``."""
+def random_scenes(n: int, seed: int, size: int = TOY_RESOLUTION, striped: float = STRIPED_SHARE) -> list[Scene]:
+    """``n`` scenes, deterministic in ``seed`` (a share ``striped`` of them striped)."""
     generator = np.random.default_rng(seed)
-    return [random_scene(generator, size) for _ in range(n)]
+    return [random_scene(generator, size, striped) for _ in range(n)]
 
 
 def codec_image(generator: np.random.Generator, size: int = TOY_RESOLUTION) -> np.ndarray:
@@ -127,7 +150,7 @@ def codec_image(generator: np.random.Generator, size: int = TOY_RESOLUTION) -> n
     The UNet and the text encoders never see these images.
     """
     colours = generator.integers(0, 256, size=(3, 3))
-    scene = random_scene(generator, size)
+    scene = random_scene(generator, size, striped=0.0)
     image = Image.new("RGB", (size, size), tuple(int(c) for c in colours[0]))
     kind = int(generator.integers(3))  # 0 plain, 1 stripes, 2 checks
     yy, xx = np.mgrid[0:size, 0:size]
@@ -165,14 +188,10 @@ def draw_subject(size: tuple[int, int], background: tuple[int, int, int], centre
     on a plain ``background``."""
     width, height = size
     yy, xx = np.mgrid[0:height, 0:width]
-    pixels = np.empty((height, width, 3), dtype=np.uint8)
-    pixels[:] = background
     dx, dy = xx - centre[0], yy - centre[1]
-    inside = dx * dx + dy * dy <= radius * radius
-    red = ((dx + band // 2) // band) % 2 == 0
-    pixels[inside & red] = SUBJECT_RED
-    pixels[inside & ~red] = SUBJECT_WHITE
-    return Image.fromarray(pixels)
+    inside = (dx * dx + dy * dy <= radius * radius)[..., None]
+    pixels = np.where(inside, stripes(size, centre[0], SUBJECT_RED, band), np.array(background, dtype=np.uint8))
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def draw_subject_images(folder: Union[str, Path]) -> list[Path]:
@@ -264,7 +283,8 @@ def classify_scene(image: Union[Image.Image, np.ndarray]) -> SceneReading:
     fg = int(inner.argmax()) if inner.sum() else -1
     colour_share = float(inner[fg] / max(region_labels.size, 1)) if fg >= 0 else 0.0
     shape = None
-    mask = labels == fg if fg >= 0 else np.zeros_like(region)
+    white = np.linalg.norm(pixels.astype(np.float32) - np.array(WHITE, dtype=np.float32), axis=-1) <= COLOUR_TOLERANCE
+    mask = (labels == fg) | white if fg >= 0 else np.zeros_like(region)  # a striped shape: its colour and white
     if mask.sum() >= 8:
         ys, xs = np.nonzero(mask)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
@@ -367,15 +387,16 @@ def subject_similarity(
     """Mean, over ``images``, of the histogram intersection ``Σ min(d(image), d̄)`` in [0, 1] between the image's
     `subject_descriptor` and the mean descriptor of the ``references`` (the instance images).
 
-    Why this measure: the toy subject differs from everything the base model draws by its colours (red *and
-    white*; white is in no toy scene) and by their arrangement (stripes; no toy shape is patterned). The colour
+    Why this measure: the subject is told apart from the toy world's other pictures by its colours (red *and
+    white*; white appears only in striped shapes) and by their arrangement (vertical stripes). The colour
     histogram scores the first, the horizontal co-occurrence histogram the second, and both are computed on the
     foreground only (pixels unlike the image's border), so background colour and position do not count: a
-    recontextualised subject ("on a green background") scores as high as the originals. A plain red ball scores
-    about 0.26 (right red, no white, no red–white pairs); an empty or off-colour image scores near 0; the instance
-    images themselves score 0.55–0.9 (0.79 on average), the same ball drawn on a green or yellow background 0.81.
+    recontextualised subject ("on a green background") scores as high as the originals. Reference points: the
+    instance images score 0.55-0.9 (0.79 on average), the same ball drawn on a green or yellow background 0.81, a
+    32-px red-and-white striped circle from `draw_scene` 0.85, a striped circle of another colour 0.46 (white
+    stripes, wrong colour), a plain red ball 0.26 (right red, no white, no red-white pairs), an empty image 0.
     It needs no learned weights and is exact to reproduce. It measures colours and stripes only, not shape
-    (a red-and-white striped square would score high).
+    (a red-and-white striped square scores as high as the ball).
     """
     reference = np.mean([subject_descriptor(r) for r in references], axis=0)
     return float(np.mean([np.minimum(subject_descriptor(i), reference).sum() for i in images]))
@@ -387,6 +408,7 @@ __all__ = [
     "SHAPES",
     "TOY_RESOLUTION",
     "TOY_WORDS",
+    "WHITE",
     "Scene",
     "SceneReading",
     "classify_scene",
@@ -401,6 +423,7 @@ __all__ = [
     "prompt_fidelity",
     "random_scene",
     "random_scenes",
+    "stripes",
     "subject_descriptor",
     "subject_similarity",
 ]

@@ -7,10 +7,11 @@ Only diffusers' and transformers' own classes: a ``UNet2DConditionModel`` with `
 downsamples 2× (SDXL: 8×) to 16 × 16 × 4 latents, a 3-level UNet of about 1.7 M parameters.
 
 Training (`pretrain_toy_pipeline`): first the VAE alone (reconstruction MSE plus a small KL term) on generic
-`codec_image` pictures and toy scenes; its ``scaling_factor`` is then set to 1 / std of the scene latents; then the
-UNet and both text encoders together with SDXL's ε-prediction objective on fresh toy scenes and their captions
-(10% empty captions, for classifier-free guidance), with random micro-conditioning sizes so that any photo size
-is familiar.
+`codec_image` pictures and toy scenes (a third of them striped, so red-and-white bands like the DreamBooth
+subject's are part of what the codec keeps: `vae_subject_fidelity` logs it); its ``scaling_factor`` is then set to
+1 / std of the scene latents; then the UNet and both text encoders together with SDXL's ε-prediction objective on
+fresh toy scenes and their captions (10% empty captions, for classifier-free guidance), with random
+micro-conditioning sizes so that any photo size is familiar.
 """
 
 from __future__ import annotations
@@ -36,7 +37,20 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..image.dreambooth import encode_tokens, tokenize
-from .image import PALETTE, SHAPES, TOY_RESOLUTION, TOY_WORDS, classify_scene, codec_image, draw_scene, random_scene
+from .image import (
+    PALETTE,
+    SHAPES,
+    STRIPED_SHARE,
+    TOY_RESOLUTION,
+    TOY_WORDS,
+    as_array,
+    classify_scene,
+    codec_image,
+    draw_scene,
+    draw_subject,
+    random_scene,
+    subject_similarity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +182,10 @@ class PretrainConfig:
     empty_caption: float = 0.1  # share of empty captions (classifier-free guidance)
     kl_weight: float = 1e-4
     log_every: int = 100
+    # second stage (`learn_stripes`): the world with striped shapes, continuing from the first stage's weights
+    stripes_vae_steps: int = 600
+    stripes_unet_steps: int = 1200
+    stripes_lr: float = 3e-4  # VAE and UNet (text encoders: text_encoder_lr / 3)
 
 
 def _pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -183,17 +201,29 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain_vae(vae: AutoencoderKL, config: PretrainConfig, log: Callable[[str], None] = logger.info) -> float:
-    """Train ``vae`` to reconstruct codec pictures and toy scenes (half each per batch); returns the final MSE."""
-    rng = np.random.default_rng(config.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config.vae_steps, config.warmup))
-    vae.train()
+def pretrain_vae(
+    vae: AutoencoderKL,
+    config: PretrainConfig,
+    log: Callable[[str], None] = logger.info,
+    *,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    seed: Optional[int] = None,
+    striped: float = 0.0,
+) -> float:
+    """Train ``vae`` to reconstruct codec pictures and toy scenes (half each per batch; a share ``striped`` of the
+    scenes striped) for ``steps`` (default ``config.vae_steps``) at ``lr`` (``config.vae_lr``) with data from
+    ``seed`` (``config.seed``); returns the final MSE."""
+    steps, lr = steps or config.vae_steps, lr or config.vae_lr
+    rng = np.random.default_rng(config.seed if seed is None else seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, config.warmup))
+    vae.train().requires_grad_(True)
     half = config.batch_size // 2
     mse = float("nan")
-    for step in range(config.vae_steps):
+    for step in range(steps):
         images = [codec_image(rng) for _ in range(half)]
-        images += [np.asarray(draw_scene(random_scene(rng))) for _ in range(config.batch_size - half)]
+        images += [np.asarray(draw_scene(random_scene(rng, striped=striped))) for _ in range(config.batch_size - half)]
         x = _pixels(images)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -206,10 +236,32 @@ def pretrain_vae(vae: AutoencoderKL, config: PretrainConfig, log: Callable[[str]
         opt.step()
         sched.step()
         mse = float(loss_rec)
-        if step % config.log_every == 0 or step == config.vae_steps - 1:
+        if step % config.log_every == 0 or step == steps - 1:
             log(f"vae step {step}: mse {mse:.5f} kl {float(kl):.3f}")
-    vae.eval()
+    vae.eval().requires_grad_(False)
     return mse
+
+
+@torch.no_grad()
+def vae_subject_fidelity(vae: AutoencoderKL, n: int = 8, seed: int = 0) -> tuple[float, float]:
+    """`subject_similarity` of ``n`` 32-px red-and-white striped balls (random backgrounds, sizes, positions, bands
+    5-6 px, like the instance photos' centre crops) to themselves, and of their VAE reconstructions (posterior mean)
+    to the originals: what the codec lets any fine-tune reach."""
+    rng = np.random.default_rng(seed)
+    names = list(PALETTE)
+    originals = []
+    for _ in range(n):
+        radius = int(rng.integers(7, 11))
+        centre = (int(rng.integers(radius, 32 - radius)), int(rng.integers(radius, 32 - radius)))
+        background = PALETTE[names[int(rng.integers(len(names)))]]
+        originals.append(np.asarray(draw_subject((32, 32), background, centre, radius, band=int(rng.integers(5, 7)))))
+    return subject_similarity(originals, originals), subject_similarity(vae_reconstructions(vae, originals), originals)
+
+
+@torch.no_grad()
+def vae_reconstructions(vae: AutoencoderKL, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``images`` (uint8 ``[H, W, 3]``) encoded (posterior mean) and decoded by ``vae``, as uint8 arrays."""
+    return [as_array(r) for r in vae.decode(vae.encode(_pixels(images)).latent_dist.mean).sample]
 
 
 @torch.no_grad()
@@ -217,7 +269,7 @@ def set_latent_scale(vae: AutoencoderKL, seed: int, n: int = 512) -> float:
     """Set ``vae.config.scaling_factor`` to 1 / std of the posterior means of ``n`` toy scenes (as SD's 0.18215
     was chosen); returns it."""
     rng = np.random.default_rng(seed + 1)
-    x = _pixels([np.asarray(draw_scene(random_scene(rng))) for _ in range(n)])
+    x = _pixels([np.asarray(draw_scene(random_scene(rng, striped=0.0))) for _ in range(n)])
     scale = 1.0 / float(vae.encode(x).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=scale)
     return scale
@@ -233,29 +285,41 @@ def random_caption(scene_rng: np.random.Generator, scene, empty: float) -> str:
 
 
 def pretrain_denoiser(
-    pipe: StableDiffusionXLPipeline, config: PretrainConfig, log: Callable[[str], None] = logger.info
+    pipe: StableDiffusionXLPipeline,
+    config: PretrainConfig,
+    log: Callable[[str], None] = logger.info,
+    *,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    text_encoder_lr: Optional[float] = None,
+    seed: Optional[int] = None,
+    striped: float = 0.0,
 ) -> float:
-    """Train the UNet and both text encoders on toy scenes with ε-prediction (the VAE is frozen); returns the
-    mean loss of the last ``log_every`` steps."""
+    """Train the UNet and both text encoders on toy scenes (a share ``striped`` of them striped) with
+    ε-prediction (the VAE is frozen) for ``steps`` (default ``config.unet_steps``) at ``lr`` / ``text_encoder_lr``
+    (``config``'s) with data from ``seed`` (``config.seed``); returns the mean loss of the last ``log_every``
+    steps."""
+    steps = steps or config.unet_steps
+    seed = config.seed if seed is None else seed
     unet, vae = pipe.unet, pipe.vae
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    rng = np.random.default_rng(config.seed + 2)
-    gen = torch.Generator().manual_seed(config.seed + 3)
+    rng = np.random.default_rng(seed + 2)
+    gen = torch.Generator().manual_seed(seed + 3)
     params = [
-        {"params": list(unet.parameters()), "lr": config.unet_lr},
-        {"params": [p for e in encoders for p in e.parameters()], "lr": config.text_encoder_lr},
+        {"params": list(unet.parameters()), "lr": lr or config.unet_lr},
+        {"params": [p for e in encoders for p in e.parameters()], "lr": text_encoder_lr or config.text_encoder_lr},
     ]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config.unet_steps, config.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, config.warmup))
     for module in (unet, *encoders):
         module.train().requires_grad_(True)
     vae.requires_grad_(False)
     scale = float(vae.config.scaling_factor)
     recent: list[float] = []
-    for step in range(config.unet_steps):
-        scenes = [random_scene(rng) for _ in range(config.batch_size)]
+    for step in range(steps):
+        scenes = [random_scene(rng, striped=striped) for _ in range(config.batch_size)]
         captions = [random_caption(rng, s, config.empty_caption) for s in scenes]
         with torch.no_grad():
             dist = vae.encode(_pixels([np.asarray(draw_scene(s)) for s in scenes])).latent_dist
@@ -277,7 +341,7 @@ def pretrain_denoiser(
         opt.step()
         sched.step()
         recent = [*recent[-(config.log_every - 1) :], float(loss)]
-        if step % config.log_every == 0 or step == config.unet_steps - 1:
+        if step % config.log_every == 0 or step == steps - 1:
             log(f"unet step {step}: loss {np.mean(recent):.4f}")
     for module in (unet, *encoders):
         module.eval().requires_grad_(False)
@@ -334,17 +398,39 @@ def scene_accuracy(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], seed
     return {"background": float(acc[0]), "colour": float(acc[1]), "shape": float(acc[2])}
 
 
+def learn_stripes(
+    pipe: StableDiffusionXLPipeline, config: PretrainConfig, log: Callable[[str], None] = logger.info
+) -> StableDiffusionXLPipeline:
+    """The second pretraining stage: continue training the VAE, then the UNet and text encoders, on the toy world
+    with striped shapes (`STRIPED_SHARE`), so that the codec keeps red-and-white bands and the denoiser can draw
+    "a striped red circle"; the latent scale stays the first stage's. Its data and torch's global generator are seeded
+    with ``config.seed + 10``, so it gives the same weights in memory after the first stage or from saved ones."""
+    start = time.perf_counter()
+    seed = config.seed + 10
+    torch.manual_seed(seed)  # the VAE samples its posterior with torch's global generator
+    kw = {"lr": config.stripes_lr, "seed": seed, "striped": STRIPED_SHARE}
+    pretrain_vae(pipe.vae, config, log, steps=config.stripes_vae_steps, **kw)
+    own, recon = vae_subject_fidelity(pipe.vae)
+    log(f"subject similarity of striped balls: {own:.3f}, of their VAE reconstructions: {recon:.3f}")
+    pretrain_denoiser(pipe, config, log, steps=config.stripes_unet_steps, text_encoder_lr=config.text_encoder_lr / 3,
+                      **kw)  # fmt: skip
+    log(f"stripes stage done in {time.perf_counter() - start:.0f} s")
+    return pipe
+
+
 def pretrain_toy_pipeline(
     config: Optional[PretrainConfig] = None, log: Callable[[str], None] = logger.info
 ) -> StableDiffusionXLPipeline:
-    """Build the toy pipeline and train it (VAE, latent scale, UNet + text encoders); deterministic in
-    ``config.seed`` on one thread."""
+    """Build the toy pipeline and train it: the plain world (VAE, latent scale, UNet + text encoders), then
+    `learn_stripes`; deterministic in ``config.seed`` on one thread."""
     config = config or PretrainConfig()
     pipe = build_toy_pipeline(config.seed)
     start = time.perf_counter()
     pretrain_vae(pipe.vae, config, log)
     log(f"latent scaling factor {set_latent_scale(pipe.vae, config.seed):.4f} ({time.perf_counter() - start:.0f} s)")
     pretrain_denoiser(pipe, config, log)
+    log(f"plain world done in {time.perf_counter() - start:.0f} s")
+    learn_stripes(pipe, config, log)
     log(f"pretraining done in {time.perf_counter() - start:.0f} s")
     return pipe
 
@@ -354,10 +440,13 @@ __all__ = [
     "build_toy_pipeline",
     "clip_tokenizer",
     "generate",
+    "learn_stripes",
     "pretrain_denoiser",
     "pretrain_toy_pipeline",
     "pretrain_vae",
     "scene_accuracy",
     "scene_prompts",
     "set_latent_scale",
+    "vae_reconstructions",
+    "vae_subject_fidelity",
 ]
