@@ -63,7 +63,14 @@ from .denoisers import denoiser_of, family_of
 from .flow_matching import WEIGHTING_SCHEMES, FlowMatchingModel
 from .loaders import enable_nara_loading, save_nara_weights
 from .prompts import disable_per_step_prompt_encoding, enable_per_step_prompt_encoding
-from .unet import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_nara, needs_noise_level, unet_reader
+from .unet import (
+    TEXT_ENCODER_TARGET_MODULES,
+    UNET_TARGET_MODULES,
+    checkpoint_text_encoders,
+    inject_nara,
+    needs_noise_level,
+    unet_reader,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -507,11 +514,7 @@ class DreamBoothModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Activation checkpointing in the UNet and the trained text encoders (called by the `Trainer`)."""
         self.unet.enable_gradient_checkpointing()
-        for encoder in self.text_encoders:
-            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_text_encoders(self.text_encoders)
 
     def encode_prompts(
         self, is_class: torch.Tensor, timesteps: torch.Tensor

@@ -29,7 +29,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from torch import nn
 
 from ..core import noise_level
-from .unet import needs_noise_level, unet_reader
+from .unet import checkpoint_text_encoders, needs_noise_level, unet_reader
 
 #: ``--weighting_scheme`` choices (diffusers' names): the first three change how σ is drawn, the next two weight
 #: the loss, ``none`` is uniform and unweighted.
@@ -143,11 +143,7 @@ class FlowMatchingModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Activation checkpointing in the transformer and the trained text encoders (called by the `Trainer`)."""
         self.transformer.enable_gradient_checkpointing()
-        for encoder in self.text_encoders:
-            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_text_encoders(self.text_encoders)
 
     def encode_prompts(self, which: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings ``[N, L, D]`` and pooled ``[N, P]`` of each example's prompt (0: instance, 1: class); trained

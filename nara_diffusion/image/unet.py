@@ -19,7 +19,7 @@ the prompt at every denoising step (`nara_diffusion.image.prompts`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
 import torch
@@ -208,6 +208,15 @@ def inject_nara(
         reader = TimestepReader(timestep_to_noise_level, position)
         return _core_inject_nara(model, config, adapter_name, noise_level_fn=reader)
     return _core_inject_nara(model, config, adapter_name)
+
+
+def checkpoint_text_encoders(encoders: Iterable[nn.Module]) -> None:
+    """Turn on (non-reentrant) activation checkpointing in each trained text encoder."""
+    for encoder in encoders:
+        if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def adapter_names(model: nn.Module) -> list[str]:

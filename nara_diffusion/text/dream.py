@@ -39,10 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoTokenizer,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen2Tokenizer,
@@ -51,9 +47,9 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging
 
+from .auto_classes import register_model_type
 from .token_ids import check_token_ids, token_ids_already_checked
 
 logger = logging.get_logger(__name__)
@@ -425,23 +421,4 @@ class DreamTokenizer(Qwen2Tokenizer):
     template and special tokens (``<|mask|>``) from ``tokenizer_config.json``."""
 
 
-def _register_auto_classes() -> None:
-    """Register "Dream" with AutoConfig, AutoModel, AutoModelForMaskedLM and AutoTokenizer; safe to run twice. A
-    "Dream" registered by another library is left in place, with a warning."""
-    try:
-        current = CONFIG_MAPPING[DreamConfig.model_type]
-    except KeyError:
-        current = None
-    if current is not None and (current.__module__, current.__qualname__) != (__name__, DreamConfig.__qualname__):
-        logger.warning(
-            f"model_type 'Dream' is already registered to {current.__module__}.{current.__qualname__}; "
-            "nara_diffusion's DreamConfig/DreamModel are not registered with the Auto classes."
-        )
-        return
-    AutoConfig.register(DreamConfig.model_type, DreamConfig, exist_ok=True)
-    AutoModel.register(DreamConfig, DreamModel, exist_ok=True)
-    AutoModelForMaskedLM.register(DreamConfig, DreamModel, exist_ok=True)
-    AutoTokenizer.register(DreamConfig, tokenizer_class=DreamTokenizer, exist_ok=True)
-
-
-_register_auto_classes()
+register_model_type(DreamConfig, DreamModel, DreamTokenizer)

@@ -43,13 +43,13 @@ from typing import Any, ClassVar, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging
 
+from .auto_classes import register_model_type
 from .kv_cache import LLaDACache
 from .token_ids import check_token_ids, token_ids_already_checked
 
@@ -648,22 +648,4 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def _register_auto_classes() -> None:
-    """Register "llada" with AutoConfig, AutoModel and AutoModelForMaskedLM; safe to run twice (module reload). A
-    "llada" registered by another library is left in place, with a warning."""
-    try:
-        current = CONFIG_MAPPING[LLaDAConfig.model_type]
-    except KeyError:
-        current = None
-    if current is not None and (current.__module__, current.__qualname__) != (__name__, LLaDAConfig.__qualname__):
-        logger.warning(
-            f"model_type 'llada' is already registered to {current.__module__}.{current.__qualname__}; "
-            "nara_diffusion's LLaDAConfig/LLaDAModelLM are not registered with the Auto classes."
-        )
-        return
-    AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
-    AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-    AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-
-
-_register_auto_classes()
+register_model_type(LLaDAConfig, LLaDAModelLM)
