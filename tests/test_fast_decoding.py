@@ -292,6 +292,45 @@ def test_the_hypernetwork_runs_once_per_distinct_noise_level_and_changes_no_toke
         assert adapter.core(torch.tensor([0.5])).requires_grad
 
 
+@pytest.mark.parametrize("rule, n", [("generation", 12), ("block", 4)])
+def test_grid_rules_compute_every_core_in_one_run_close_to_each_value_alone(rule, n):
+    """Under the generation and block rules λ can only be k / n: the sampler computes the n + 1 cores in one
+    hypernetwork run when the call starts, and none later (nor in the next call of an evaluation loop); each agrees
+    with the core of its value computed alone up to the rounding of the hypernetwork's reductions."""
+    model = _nara(seed=3)
+    adapter = nd.get_adapter(model)
+    runs: list[int] = []
+    generator = next(m for m in model.modules() if isinstance(m, CoreGenerator))
+    generator.register_forward_hook(lambda m, a, out: runs.append(a[0].shape[0]))
+    ids, mask = left_padded([[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]])
+    settings = {"gen_length": 12, "steps": 12, "block_length": 4, "noise_rule": rule, "till_eos": False}
+    for cache in MODES:
+        runs.clear()
+        batched = generate(model, ids, attention_mask=mask, cache=cache, **settings)
+        assert runs == [n + 1]  # the whole grid, once
+        for row, p in enumerate([[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]):
+            alone = generate(model, torch.tensor([p]), cache=cache, **settings)
+            assert torch.equal(alone[0, -12:], batched[row, -12:])
+    runs.clear()
+    with sampler.memoize_cores(model):
+        first = generate(model, ids, attention_mask=mask, **settings)
+        again = generate(model, ids, attention_mask=mask, **settings)
+    assert runs == [n + 1] and torch.equal(first, again)
+    grid = torch.arange(n + 1) / n
+    with torch.no_grad(), adapter.memoized_cores():
+        assert nd.core.tuner.precompute_cores(model, grid) == n + 1 and nd.core.tuner.precompute_cores(model, grid) == 0
+        together = torch.stack([adapter.core(grid[k : k + 1])[0] for k in range(n + 1)])
+    with torch.no_grad():
+        alone = torch.stack([adapter.core(grid[k : k + 1])[0] for k in range(n + 1)])
+        assert not torch.equal(alone[1], alone[2])  # the core really depends on λ
+    # C = I + η·F(e(λ)): F's three layers reduce over at most 512 terms; its outputs (and activations) are O(1) here.
+    linears = [m for m in adapter.generator.layers if isinstance(m, nn.Linear)]
+    deviation = float((alone - torch.eye(4)).abs().max()) / adapter.core_scale
+    tol = adapter.core_scale * f32_tol(max(m.in_features for m in linears), max(1.0, deviation), depth=len(linears))
+    torch.testing.assert_close(together, alone, rtol=0, atol=tol)
+    assert nd.core.tuner.precompute_cores(model, grid) == 0  # outside the memo: nothing is kept
+
+
 def test_lora_model_with_cache_matches_one_by_one():
     model = peft.get_peft_model(tiny_llada(seed=6), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     perturb_(model, scale=0.3)

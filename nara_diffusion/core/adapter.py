@@ -46,6 +46,11 @@ class NoiseConditionedAdapter(nn.Module):
         self._memo: Optional[dict[float, torch.Tensor]] = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the cores are computed: the device of the adapter's buffers (read per forward, so kept O(1))."""
+        return self.eye.device
+
+    @property
     def needs_noise_level(self) -> bool:
         return self.kind == "noise"
 
@@ -86,9 +91,10 @@ class NoiseConditionedAdapter(nn.Module):
         and the adapter is in eval mode (elsewhere it is computed as usual).
 
         A sampler's λ takes few values (``k / gen_length``), so this takes the hypernetwork off its per-step path.
-        Each value's core is computed from that value alone (a batch of one), so it is the same bits whichever other
-        λ share the batch, and a forward whose λ values are all known runs no hypernetwork at all. Costs one host
-        sync per forward (the λ values are read). Not re-entrant: an inner use keeps the outer table.
+        A value met in a forward is computed from that value alone (a batch of one), so it is the same bits whichever
+        other λ share the batch; values announced beforehand with `precompute_cores` (a sampler's grid) are computed
+        together, in one hypernetwork run. A forward whose λ values are all known runs no hypernetwork at all. Costs
+        one host sync per forward (the λ values are read). Not re-entrant: an inner use keeps the outer table.
         """
         if self._memo is not None:
             yield
@@ -98,6 +104,26 @@ class NoiseConditionedAdapter(nn.Module):
             yield
         finally:
             self._memo = None
+
+    def precompute_cores(self, lam: torch.Tensor) -> int:
+        """Inside `memoized_cores` (no grad, eval mode): compute the cores of the values of ``lam`` ``[N]`` (validated
+        λ) not yet in the table, all in one hypernetwork run, and keep them; elsewhere do nothing.
+
+        For a sampler whose λ can only take known values (``k / gen_length``): one batched run per call instead of
+        one run per step. The GEMM of an N-row batch may round differently from N one-row runs (by float32 rounding
+        of the hypernetwork's reductions, ~1e-7 relative), so a core's bits depend on how it entered the table, not on
+        the batch that uses it: the tokens of a batch stay those of its prompts run alone. Returns how many values
+        were computed."""
+        if self.kind != "noise" or self._memo is None or torch.is_grad_enabled() or self.training:
+            return 0
+        missing = list(dict.fromkeys(v for v in lam.tolist() if v not in self._memo))
+        if not missing:
+            return 0
+        values = torch.tensor(missing, dtype=lam.dtype, device=self.eye.device)
+        deviation = self.generator(self.embedding(values)).float().view(-1, self.r, self.r)
+        for value, core in zip(missing, self.eye + self.core_scale * deviation, strict=True):
+            self._memo[value] = core
+        return len(missing)
 
     def _memoized(self, lam: torch.Tensor) -> torch.Tensor:
         """``[B, r, r]`` cores for ``lam`` ``[B]`` from the table, computing each new value alone."""

@@ -193,7 +193,7 @@ class NaRAModel(BaseTuner):
                     cfg.noise_input,
                     cfg.num_train_timesteps,
                     batch_size=_batch_size(args, kwargs),
-                    device=_first_device(noise_adapter),
+                    device=noise_adapter.device,
                 )
             elif noise_adapter.needs_noise_level:
                 raise NoiseLevelError(
@@ -668,6 +668,20 @@ def noise_level(model: nn.Module, value: NoiseLevelLike) -> Iterator[None]:
         yield
     finally:
         tuner._pending_noise_level = previous
+
+
+def precompute_cores(model: nn.Module, noise_levels: torch.Tensor) -> int:
+    """Inside `memoized_cores`: compute the cores of every value of ``noise_levels`` ``[N]`` (as a caller would pass
+    them as ``noise_level=``) in one hypernetwork run per active adapter, ahead of the forwards that will use them
+    (`NoiseConditionedAdapter.precompute_cores`). Returns how many cores were computed; 0 outside the context."""
+    tuner = find_nara_tuner(model)
+    computed = 0
+    for name in tuner.active_adapters:
+        if name in tuner.nara_hypernet:
+            cfg, noise_adapter = tuner.peft_config[name], tuner.nara_hypernet[name]
+            lam = to_noise_level(noise_levels, cfg.noise_input, cfg.num_train_timesteps, device=noise_adapter.device)
+            computed += noise_adapter.precompute_cores(lam)
+    return computed
 
 
 @contextlib.contextmanager

@@ -35,10 +35,13 @@ at the λ of the block's first step, while the positions that run get the λ of 
 canvas, as without a cache). ``cache=None`` is the exact reverse process.
 
 Tokens do not depend on the batch: a left-padded prompt is computed as if alone (native LLaDA gives each row its own
-positions and attends over its real keys only, `nara_diffusion.text.llada`), a NaRA core is computed from its λ alone
-(`Denoiser` memoises C(λ) by value, so the hypernetwork also runs once per distinct λ per call), and rows that finish a
-block early under ``threshold`` take no-op steps until the others finish. On the CPU this makes a batch's tokens exactly
-those of its prompts run one by one; accelerator kernels may pick different reductions for different batch shapes.
+positions and attends over its real keys only, `nara_diffusion.text.llada`), a NaRA core does not depend on the other
+rows (`Denoiser` memoises C(λ) by value: under the ``"generation"`` and ``"block"`` rules λ can only be k / n, and the
+cores of that grid are computed once, together, when the call starts; any other value is computed alone when first
+met; so the hypernetwork runs at most once per distinct λ per call, and once in all under those rules), and rows that
+finish a block early under ``threshold`` take no-op steps until the others finish. On the CPU this makes a batch's
+tokens exactly those of its prompts run one by one; accelerator kernels may pick different reductions for different
+batch shapes.
 
 With temperature 0, no adapter and the same settings, the tokens are those of LLaDA's reference ``generate()``.
 Differences by design: ties in confidence go to the lower position (a stable sort; ``torch.topk`` leaves them
@@ -64,7 +67,7 @@ import torch
 from torch import nn
 
 from nara_diffusion.core.noise import ComputedNoiseLevel
-from nara_diffusion.core.tuner import memoized_cores
+from nara_diffusion.core.tuner import memoized_cores, precompute_cores
 
 from .kv_cache import LLaDACache
 from .masking import uniform
@@ -154,8 +157,9 @@ class Denoiser:
     gets neither. Logits are computed only at the requested positions when the model supports
     ``logits_positions`` (native LLaDA does). Use it as a context manager: inside, the model is in eval mode (and
     with ``memoize_cores`` a NaRA model's cores are memoised by λ value, `nara_diffusion.core.tuner.memoized_cores`:
-    the hypernetwork runs once per distinct λ, each value alone; the sampler's λ take few values, a Monte-Carlo
-    estimator's many); on exit its mode (and, for noise-bin sets, the active adapter and which parameters require
+    the hypernetwork runs once per distinct λ, each value alone, and with ``noise_grid=n`` the cores of λ = k / n,
+    k = 0 … n, are computed on entry in one run; the sampler's λ take few values, a Monte-Carlo estimator's many);
+    on exit its mode (and, for noise-bin sets, the active adapter and which parameters require
     grad) is restored.
 
     Attributes:
@@ -166,9 +170,10 @@ class Denoiser:
             LLaDA, bare or with adapters).
     """
 
-    def __init__(self, model: nn.Module, memoize_cores: bool = False) -> None:
+    def __init__(self, model: nn.Module, memoize_cores: bool = False, noise_grid: Optional[int] = None) -> None:
         self.model = model
         self.memoize_cores = memoize_cores
+        self.noise_grid = noise_grid
         self.noise_conditioned = is_noise_conditioned(model)
         self.num_bins = noise_bin_count(model)
         self.needs_noise_level = self.noise_conditioned or self.num_bins is not None
@@ -186,6 +191,9 @@ class Denoiser:
         self._memo = contextlib.ExitStack()
         if self.noise_conditioned and self.memoize_cores:
             self._memo.enter_context(memoized_cores(inner))
+            if self.noise_grid:  # λ = k / n only: every core in one hypernetwork run, before the first step
+                grid = torch.arange(self.noise_grid + 1, device=model_device(inner)).float() / float(self.noise_grid)
+                precompute_cores(inner, grid)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -627,7 +635,9 @@ def generate(
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     limit = max_length if max_length is not None else _model_max_length(config)
-    denoise = Denoiser(model, memoize_cores=True)
+    # Under the generation and block rules λ = k / n for a known n, so the cores of that grid are computed up front.
+    grid = {"generation": gen_length, "block": block_length or gen_length}.get(noise_rule)
+    denoise = Denoiser(model, memoize_cores=True, noise_grid=grid)
     if till_eos is None:
         till_eos = denoise.noise_conditioned and eos_id is not None
     settings = _check_settings(
