@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,6 +14,16 @@ from .._compat import in_backward
 from .config import NaRAConfig
 from .hypernet import CoreGenerator, build_embedding
 from .noise import NoiseLevelError, NoiseLevelLike, validate_noise_level
+
+
+@dataclass
+class _ForwardCore:
+    """The core of the running forward (set and cleared on every forward: a plain object, since each
+    ``nn.Module.__setattr__`` costs a few µs of registration checks)."""
+
+    core: Optional[torch.Tensor] = None
+    for_backward: Optional[torch.Tensor] = None  # kept for activation checkpointing's recomputation
+    active: bool = False
 
 
 class NoiseConditionedAdapter(nn.Module):
@@ -40,9 +51,7 @@ class NoiseConditionedAdapter(nn.Module):
             self.constant = nn.Parameter(torch.zeros(config.r, config.r))
         # Built once: the hot path adds it to the generated deviation at every forward.
         self.register_buffer("eye", torch.eye(config.r), persistent=False)
-        self._core: Optional[torch.Tensor] = None
-        self._core_for_backward: Optional[torch.Tensor] = None
-        self._active = False
+        self._forward = _ForwardCore()
         self._memo: Optional[dict[float, torch.Tensor]] = None
 
     @property
@@ -144,26 +153,29 @@ class NoiseConditionedAdapter(nn.Module):
         each index it (one op and one autograd node per layer fewer).
         """
         core = self._compute(noise_level)
-        self._core = core[0] if core is not None and core.shape[0] == 1 else core
-        self._core_for_backward = None
-        self._active = True
+        state = self._forward
+        state.core = core[0] if core is not None and core.shape[0] == 1 else core
+        state.for_backward = None
+        state.active = True
 
     def end_forward(self) -> None:
         """Forget λ and C; keep C only for recomputation during backward when it carries a graph."""
-        if self._core is not None and self._core.requires_grad:
-            self._core_for_backward = self._core
-        self._core = None
-        self._active = False
+        state = self._forward
+        if state.core is not None and state.core.requires_grad:
+            state.for_backward = state.core
+        state.core = None
+        state.active = False
 
     @property
     def current_core(self) -> Optional[torch.Tensor]:
         """The core of the running forward: ``[B, r, r]``, ``[r, r]`` (shared by the batch) or ``None`` (identity).
 
         Raises outside a forward."""
-        if self._active:
-            return self._core
-        if self._core_for_backward is not None and in_backward():
-            return self._core_for_backward
+        state = self._forward
+        if state.active:
+            return state.core
+        if state.for_backward is not None and in_backward():
+            return state.for_backward
         if self.kind == "identity":
             return None
         raise NoiseLevelError(
@@ -175,7 +187,7 @@ class NoiseConditionedAdapter(nn.Module):
         # Copies (deepcopy, e.g. for an EMA or a per-thread model) start idle: the per-forward core is not state,
         # and one kept for a backward is not a graph leaf, which deepcopy refuses.
         state = self.__dict__.copy()
-        state.update(_core=None, _core_for_backward=None, _active=False, _memo=None)
+        state.update(_forward=_ForwardCore(), _memo=None)
         return state
 
     def extra_repr(self) -> str:
