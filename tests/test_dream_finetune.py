@@ -132,13 +132,6 @@ def test_one_finetuning_step_with_each_adapter_on_a_dream_folder(dream_folder, t
         assert not any(n.endswith("lm_head.base_layer") for n in names)  # all-linear leaves the head alone
 
 
-def test_a_test_set_is_refused_until_the_sampler_applies_the_shift(dream_folder, tmp_path):
-    config = _config(dream_folder, tmp_path, test_dataset=str(DATA))
-    with pytest.raises(ValueError, match="logits shift"):
-        run_finetune(config)
-    assert not (tmp_path / "final").exists()
-
-
 @pytest.mark.slow
 def test_finetune_script_detects_dream_from_the_folder(dream_folder, tmp_path):
     import os

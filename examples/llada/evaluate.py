@@ -6,6 +6,8 @@ prompt, gold, prediction, extracted answer, correct):
     python examples/llada/evaluate.py --adapter_path outputs/run/final --test_dataset test.json --test_kind math
     python examples/llada/evaluate.py --adapter_path out/nara/final --adapter_path out/lora/final --include_base \
         --test_dataset gsm8k_test.json --gen_length 256 --block_length 8 --output_dir eval/
+    python examples/llada/evaluate.py --adapter_path out/dream-nara/final --test_dataset gsm8k_test.json \
+        --gen_length 256 --alg entropy --output_dir eval/          # a Dream adapter: Dream's sampler (see generate.py)
 
 Noise-level loss profile (the masked-diffusion loss at fixed noise levels t, the same masks for every model; the
 base model's curve is always drawn, then each adapter's, with their loss reduction relative to the base; written

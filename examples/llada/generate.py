@@ -1,8 +1,14 @@
-"""Generate answers with a masked diffusion LM (LLaDA) and an optional NaRA / LoRA / noise-bin adapter.
+"""Generate answers with a masked diffusion LM (LLaDA or Dream) and an optional NaRA / LoRA / noise-bin adapter.
 
     python examples/llada/generate.py --adapter_path outputs/run/final --prompt "What is 12 + 30?"
     python examples/llada/generate.py --model GSAI-ML/LLaDA-8B-Instruct --prompt "..." --gen_length 256 --steps 256 \\
         --block_length 8 --dtype bfloat16
+    python examples/llada/generate.py --model Dream-org/Dream-v0-Instruct-7B --prompt "..." --gen_length 256 \\
+        --alg entropy --temperature 0.2 --top_p 0.95 --dtype bfloat16
+
+The family (read from the model's config) brings its sampler: Dream samples in one block with its timesteps schedule
+and ``--alg`` (= ``--remasking``) entropy unless told otherwise; ``--alg_temp``, ``--top_p``, ``--top_k`` and ``--eps``
+are Dream's options (`nara_diffusion.text.unmasking`).
 
 Prompts are rendered with the tokenizer's chat template (as in training). All logic is in
 `nara_diffusion.text.generate`, `nara_diffusion.text.prompting` and `nara_diffusion.text.loading`.
@@ -16,8 +22,9 @@ import torch
 
 from nara_diffusion.text.data import encode_prompts
 from nara_diffusion.text.loading import load_for_inference
+from nara_diffusion.text.model_info import model_family
 from nara_diffusion.text.prompting import generate_texts
-from nara_diffusion.text.sampler import CACHE_MODES, NOISE_RULES, REMASKING
+from nara_diffusion.text.sampler import CACHE_MODES, NOISE_RULES, REMASKING, SCHEDULES
 from nara_diffusion.text.trained_sampling import sampler_settings
 
 
@@ -39,7 +46,26 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     group.add_argument("--cfg_scale", type=float, default=0.0, help="unsupervised classifier-free guidance")
-    group.add_argument("--remasking", choices=REMASKING, default="low_confidence", help="which tokens stay masked")
+    group.add_argument(
+        "--remasking",
+        "--alg",
+        choices=REMASKING,
+        default=None,
+        help="which masked positions a step reveals (Dream's --alg; default: the family's, LLaDA low_confidence, "
+        "Dream entropy)",
+    )
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="how many positions each step reveals (default: the family's, LLaDA linear, Dream timesteps)",
+    )
+    group.add_argument("--eps", type=float, default=1e-3, help="final time of the timesteps schedule (Dream's eps)")
+    group.add_argument(
+        "--alg_temp", type=float, default=None, help="Dream: draw the revealed positions at this temperature"
+    )
+    group.add_argument("--top_p", type=float, default=None, help="Dream's algorithms: nucleus cut of the logits")
+    group.add_argument("--top_k", type=int, default=None, help="Dream's algorithms: top-k cut of the logits")
     group.add_argument("--noise_rule", choices=NOISE_RULES, default="generation", help="λ for NaRA adapters")
     group.add_argument("--till_eos", choices=("auto", "true", "false"), default="auto", help="auto: on for NaRA")
     group.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding")
@@ -53,7 +79,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the sampler's randomness")
 
 
-#: The sampler's length settings for a model whose adapter folder has no sampling.json.
+#: The sampler's length settings for a model whose adapter folder has no sampling.json (Dream: one block, as its own
+#: sampler has no blocks).
 FALLBACK = {"gen_length": 64, "block_length": 8}
 
 
@@ -62,6 +89,8 @@ def sampler_kwargs(args: argparse.Namespace, model: torch.nn.Module, default_len
     trained for (`sampler_settings`), else ``default_length`` in one block, else `FALLBACK`."""
     lengths = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length}
     fallback = FALLBACK if default_length is None else {"gen_length": default_length, "block_length": default_length}
+    if model_family(model) == "Dream" and default_length is None:
+        fallback = {"gen_length": FALLBACK["gen_length"]}
     return {
         **sampler_settings(model, lengths, fallback=fallback),
         "temperature": args.temperature,
@@ -71,6 +100,11 @@ def sampler_kwargs(args: argparse.Namespace, model: torch.nn.Module, default_len
         "till_eos": {"auto": None, "true": True, "false": False}[args.till_eos],
         "threshold": args.threshold,
         "cache": None if args.cache == "none" else args.cache,
+        "schedule": args.schedule,
+        "eps": args.eps,
+        "alg_temp": args.alg_temp,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
         "generator": torch.Generator().manual_seed(args.seed),
     }
 

@@ -13,7 +13,7 @@ from .masking import MaskedBatch, mask_answers
 from .noise_bins import noise_bin_count
 from .noise_profile import noise_profile, plot_noise_profiles
 from .objectives import lift_loss, masked_diffusion_loss, sft_loss
-from .sampler import Denoiser, MaskRatio, canvas_noise_level, generate
+from .sampler import Denoiser, MaskRatio, canvas_noise_level, dream_generate, generate
 from .scoring import GenerationEval, evaluate_generation, score_answer
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "canvas_noise_level",
     "collate_sft",
     "dream",
+    "dream_generate",
     "evaluate_generation",
     "generate",
     "lift_loss",

@@ -272,11 +272,6 @@ def run_finetune(config: FinetuneConfig, model: Optional[nn.Module] = None, toke
     logger.info(
         "model family %s: mask token %d, logits shift %d", model_family(model), mask_token_id, logits_shift(model)
     )
-    if config.test_dataset and logits_shift(model):
-        raise ValueError(
-            f"--test_dataset scores generations with nd.text.generate, which does not apply {model_family(model)}'s "
-            "logits shift yet: drop --test_dataset for this model (training and validation loss are unaffected)."
-        )
     splits = load_sft_data(
         config.dataset,
         tokenizer,

@@ -1,4 +1,5 @@
-"""LLaDA's Monte-Carlo likelihood of a continuation, with the noise level each sample needs for an adapter."""
+"""LLaDA's Monte-Carlo likelihood of a continuation, with the noise level each sample needs for an adapter; for any
+family (a shifted one such as Dream is read at the row before each target token, by `Denoiser`)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def mc_loglikelihood(
     ``mc_num`` samples in mini-batches of ``batch_size``; each mini-batch masks exactly ``n`` target tokens at random
     positions, with ``n`` stratified over [1, T] (`stratified_mask_counts`); the prefix is never masked. The estimate
     is −mean over samples of Σ_masked CE / (n / T). A NaRA adapter gets λ = n / T (the sample's mask ratio over the
-    target, as in training); a noise-bin set uses the bin of n / T. ``cfg_scale`` > 0 adds LLaDA's unsupervised CFG
-    (the prefix masked in the unconditional half).
+    target, as in training); a noise-bin set uses the bin of n / T. The logits that score a token are those that
+    predict it under the model's family (`Denoiser`: Dream's output at i − 1, a token at position 0 from itself).
+    ``cfg_scale`` > 0 adds LLaDA's unsupervised CFG (the prefix masked in the unconditional half).
 
     Returns:
         The estimate (a float; higher is more likely).
@@ -90,7 +92,6 @@ def mc_loglikelihood(
             total += (ce.double() / (counts.double()[rows] / length)).sum()
             done += size
     return -float(total / mc_num)
-
 
 
 __all__ = ["mc_loglikelihood", "stratified_mask_counts"]

@@ -1,8 +1,9 @@
-"""An lm-evaluation-harness model for LLaDA-style masked diffusion LMs with NaRA, LoRA or noise-bin adapters.
+"""An lm-evaluation-harness model for masked diffusion LMs (LLaDA, Dream) with NaRA, LoRA or noise-bin adapters.
 
 Needs the ``eval`` extra (``pip install "nara-diffusion[eval]"``); ``import nara_diffusion`` does not import this
-module. lm-eval discovers only its own models, so registering ``nara_llada`` takes importing this module; the
-``nara-lm-eval`` command (installed with the package) does that and then runs lm-eval's own command line::
+module. lm-eval discovers only its own models, so registering ``nara_llada`` (alias ``nara_dream``) takes importing
+this module; the ``nara-lm-eval`` command (installed with the package) does that and then runs lm-eval's own
+command line::
 
     nara-lm-eval --model nara_llada --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,adapter=out/final \\
         --tasks gsm8k --apply_chat_template --batch_size 8
@@ -11,12 +12,14 @@ module. lm-eval discovers only its own models, so registering ``nara_llada`` tak
 From Python, ``import nara_diffusion.text.lm_eval_model`` and then ``lm_eval.simple_evaluate(model="nara_llada",
 model_args={...}, tasks=[...])``.
 
-``generate_until`` runs `nara_diffusion.text.sampler.generate` (greedy unless ``temperature`` is set) on batches of
-``batch_size`` left-padded prompts, cuts the answer at the first EOS/EoT token and then at the task's stop strings.
-As in LLaDA's harness, the sampler settings come from ``model_args``: a task's ``max_gen_toks``, ``temperature`` or
-``do_sample`` are not used (the generation length of a diffusion sampler is fixed up front).
-``loglikelihood`` is LLaDA's Monte-Carlo ELBO (`nara_diffusion.text.likelihood.mc_loglikelihood`): ``mc_num``
-samples in mini-batches of ``mc_batch_size``, stratified mask counts, the adapter given λ = the sample's mask ratio;
+``generate_until`` runs `nara_diffusion.text.sampler.generate` (greedy unless ``temperature`` is set; the model
+family's sampler: Dream's in one block with its timesteps schedule, ``alg``, ``alg_temp``, ``top_p``, ``top_k``,
+``eps``) on batches of ``batch_size`` left-padded prompts, cuts the answer at the first EOS/EoT token and then at the
+task's stop strings. As in LLaDA's harness, the sampler settings come from ``model_args``: a task's
+``max_gen_toks``, ``temperature`` or ``do_sample`` are not used (the generation length of a diffusion sampler is
+fixed up front). ``loglikelihood`` is LLaDA's Monte-Carlo ELBO (`nara_diffusion.text.likelihood.mc_loglikelihood`,
+which reads a shifted family's logits at the row before each target token): ``mc_num`` samples in mini-batches of
+``mc_batch_size``, stratified mask counts, the adapter given λ = the sample's mask ratio;
 ``is_greedy`` is computed only with ``is_check_greedy=True`` (by generating the continuation with one token per
 step, LLaDA's ``suffix_greedy_prediction``). ``loglikelihood_rolling`` (perplexity tasks) is not defined for
 masked diffusion LMs and raises.
@@ -35,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .likelihood import mc_loglikelihood
 from .loading import load_for_inference
-from .model_info import resolve_mask_token_id
+from .model_info import model_family, resolve_mask_token_id
 from .prompting import decode_generation, left_pad, pad_token_for, stop_token_ids
 from .sampler import CACHE_MODES, NOISE_RULES, generate, memoize_cores
 from .trained_sampling import sampler_settings
@@ -43,6 +46,8 @@ from .trained_sampling import sampler_settings
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "nara_llada"
+#: The same model under a name for Dream users (the family is read from the model either way).
+MODEL_ALIASES = ("nara_dream",)
 _NONE = ("", "none", "null")
 
 
@@ -63,7 +68,7 @@ def _bool_or_none(value: Any) -> Optional[bool]:
 
 
 class NaRALLaDA(TemplateLM):
-    """lm-eval model: a masked-diffusion LM (native LLaDA) with an optional NaRA / LoRA / noise-bin adapter.
+    """lm-eval model: a masked-diffusion LM (native LLaDA or Dream) with an optional NaRA / LoRA / noise-bin adapter.
 
     Args (``--model_args key=value,...``):
         pretrained: Base model (Hub id or folder). Default: the one the adapter records.
@@ -73,9 +78,11 @@ class NaRALLaDA(TemplateLM):
         batch_size: Prompts per sampler batch in ``generate_until``.
         gen_length, steps, block_length: Sampler settings. Default: the length the adapter was trained for
             (its ``sampling.json``) in one block, one token per step; without that file 256 / 256 / 8, the NaRA
-            authors' GSM8K command. A ``gen_length`` other than the trained one warns.
+            authors' GSM8K command (Dream: 256 / 256 in one block). A ``gen_length`` other than the trained one warns.
         temperature, cfg, remasking, threshold, noise_rule, till_eos: As in `generate` (``cfg`` is ``cfg_scale``;
-            till_eos none: on for NaRA).
+            till_eos none: on for NaRA; remasking none: the family's, LLaDA ``low_confidence``, Dream ``entropy``).
+        alg, alg_temp, top_p, top_k, eps, schedule: Dream's options, as in `generate` (``alg`` is ``remasking``
+            under Dream's name; none: the family's defaults).
         cache: ``none`` (default), ``prefix`` or ``dual``: `generate`'s block-wise K/V cache (Fast-dLLM); with
             ``threshold=0.9`` the fast setting.
         mc_num, mc_batch_size: Monte-Carlo samples per likelihood and the samples per forward (LLaDA: 128 / 32).
@@ -96,11 +103,17 @@ class NaRALLaDA(TemplateLM):
         block_length: Optional[int] = None,
         temperature: float = 0.0,
         cfg: float = 0.0,
-        remasking: str = "low_confidence",
+        remasking: Optional[str] = None,
         threshold: Optional[float] = None,
         noise_rule: str = "generation",
         till_eos: Optional[bool] = None,
         cache: Optional[str] = None,
+        alg: Optional[str] = None,
+        alg_temp: Optional[float] = None,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        eps: float = 1e-3,
+        schedule: Optional[str] = None,
         mc_num: int = 128,
         mc_batch_size: int = 32,
         is_check_greedy: bool = False,
@@ -116,6 +129,9 @@ class NaRALLaDA(TemplateLM):
             raise ValueError(f"noise_rule must be one of {NOISE_RULES}, got {noise_rule!r}.")
         if _optional(cache) not in (None, *CACHE_MODES):
             raise ValueError(f"cache must be none, {' or '.join(CACHE_MODES)}; got {cache!r}.")
+        remasking, alg = _optional(remasking), _optional(alg)
+        if remasking is not None and alg is not None and remasking != alg:
+            raise ValueError(f"alg is remasking under Dream's name: give one of them, not {alg!r} and {remasking!r}.")
         from accelerate import PartialState
 
         state = PartialState()
@@ -135,22 +151,28 @@ class NaRALLaDA(TemplateLM):
             batch_size = 1
         self.batch_size = int(_optional(batch_size) or 1)
         given = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
+        fallback = {"gen_length": 256, "steps": 256, "block_length": 8}
+        if model_family(self.model) == "Dream":  # Dream's sampler has no blocks
+            fallback.pop("block_length")
         sampler = sampler_settings(
-            self.model,
-            {k: None if _optional(v) is None else int(v) for k, v in given.items()},
-            fallback={"gen_length": 256, "steps": 256, "block_length": 8},
+            self.model, {k: None if _optional(v) is None else int(v) for k, v in given.items()}, fallback=fallback
         )
         self.gen_kwargs = {
             "gen_length": int(sampler["gen_length"]),
             "steps": int(sampler["steps"]),
-            "block_length": sampler["block_length"],
+            "block_length": sampler.get("block_length"),
             "temperature": float(temperature),
             "cfg_scale": float(cfg),
-            "remasking": remasking,
+            "remasking": alg if remasking is None else remasking,
             "threshold": None if _optional(threshold) is None else float(threshold),
             "noise_rule": noise_rule,
             "till_eos": _bool_or_none(till_eos),
             "cache": _optional(cache),
+            "alg_temp": None if _optional(alg_temp) is None else float(alg_temp),
+            "top_p": None if _optional(top_p) is None else float(top_p),
+            "top_k": None if _optional(top_k) is None else int(top_k),
+            "eps": float(eps),
+            "schedule": _optional(schedule),
         }
         self.mc_num, self.mc_batch_size, self.cfg = int(mc_num), int(mc_batch_size), float(cfg)
         self.is_check_greedy = bool(_bool_or_none(is_check_greedy))
@@ -240,6 +262,7 @@ class NaRALLaDA(TemplateLM):
             steps=len(target),
             cfg_scale=self.cfg,
             till_eos=False,
+            schedule="linear",  # one token per step, also for Dream
             mask_token_id=self.mask_id,
             max_length=self.max_length,
         )
@@ -282,10 +305,11 @@ class NaRALLaDA(TemplateLM):
 
 
 def _register() -> None:
-    """``@register_model("nara_llada")``, skipped when the name is already taken (the module imported twice, e.g.
-    once as ``__main__``)."""
-    if MODEL_NAME not in model_registry:
-        register_model(MODEL_NAME)(NaRALLaDA)
+    """``@register_model("nara_llada", "nara_dream")``, each name skipped when already taken (the module imported
+    twice, e.g. once as ``__main__``)."""
+    names = [name for name in (MODEL_NAME, *MODEL_ALIASES) if name not in model_registry]
+    if names:
+        register_model(*names)(NaRALLaDA)
 
 
 _register()

@@ -1,5 +1,5 @@
-"""LLaDA's reverse process (the semi-autoregressive masked-diffusion sampler), with the noise level λ a NaRA adapter
-needs at every step, and the noise-bin (Multi-LoRA) baseline that switches adapters by λ.
+"""The masked-diffusion reverse process of LLaDA and Dream (one sampler core with per-family conventions), with the
+noise level λ a NaRA adapter needs at every step, and the noise-bin (Multi-LoRA) baseline that switches adapters by λ.
 
     out = generate(model, input_ids, gen_length=256, steps=256, block_length=8)    # [B, P + 256]
 
@@ -7,8 +7,8 @@ The canvas is the prompt followed by ``gen_length`` mask tokens. The generation 
 ``block_length`` filled left to right; each block gets ``steps / num_blocks`` steps. A step is one forward pass over
 the whole canvas (two halves of one doubled batch under classifier-free guidance); a proposal x0 is drawn for every
 position of the current block (greedy, or exact Gumbel-max sampling at ``temperature``), and the still-masked
-positions with the highest confidence are committed, as many as LLaDA's linear schedule prescribes
-(``transfer_schedule``), or, with ``threshold``, every one above τ (at least one). Committed tokens and the prompt never
+positions with the highest confidence are committed, as many as the step plan prescribes (LLaDA's linear schedule,
+``transfer_schedule``), or, with ``threshold``, every one above τ (at least one). Committed tokens and the prompt never
 change again. With ``till_eos``, an example whose finished block holds EOS decodes one more block, is filled with
 EOS to the end and drops out of the batch.
 
@@ -19,6 +19,24 @@ EOS to the end and drops out of the batch.
 - ``"sequence"``: #[MASK] / #positions of the whole sequence (prompt included, padding excluded): the default of
   the authors' lm-eval wrapper (``direct_noise=False``).
 - ``"block"``: #[MASK] in the current block / ``block_length``, for adapters trained with a blockwise process.
+
+Model families (``model_type`` of the config, `nara_diffusion.text.model_info`) bring their conventions to the same
+loop: the mask token and EOS (from the config), the logits shift (Dream's output at position i predicts token i + 1;
+`Denoiser` reads the row before each position, position 0 from itself, the only place the sampler reads logits), and
+the defaults of ``remasking`` and ``schedule`` (`nara_diffusion.text.unmasking.family_defaults`). Dream's
+``diffusion_generate`` is ``generate(model, ids, gen_length=G, steps=S)`` on a Dream model (or `dream_generate`, with
+its argument names): one block, Dream's ``"timesteps"`` plan (times linspace(1, eps, S + 1); each step reveals
+int(#masked · (1 − s/t)), the last all), ``remasking`` = Dream's ``alg`` (``"origin"``, ``"maskgit_plus"``,
+``"topk_margin"``, ``"entropy"``), ``alg_temp``, ``top_p``, ``top_k``; the algorithms and plans are in
+`nara_diffusion.text.unmasking`. At temperature 0 (and ``alg_temp`` None or 0; ``"origin"`` with the same seed) the
+tokens are those of Dream's Hub ``_sample``, with these differences by design: the mask token is never proposed
+(Dream's can commit it, leaving the position masked), ties in confidence go to the lower position, a prompt may not
+hold mask tokens (Dream would fill them in), confidences are computed in float32 (Dream's in the model's dtype, bf16
+for the 7B, so a bf16 model can differ where two confidences round together), and the random streams of sampling
+(temperature > 0, ``alg_temp`` > 0) are this module's. The K/V cache is native LLaDA's only; threshold decoding
+applies to the probability-like confidences (``low_confidence``, ``random``, ``maskgit_plus``, ``topk_margin``). A
+NaRA adapter on Dream gets λ as on LLaDA: by default the masked fraction of the generation region, per example and
+step (``noise_rule="generation"``, below).
 
 A NaRA model receives it as ``noise_level=λ``; a LoRA or base model is called without it. A peft model whose
 adapters are named ``noise_bin_1 … noise_bin_K`` is the noise-bin baseline: before each forward the adapter of bin
@@ -55,6 +73,7 @@ outputs (temperature > 0) follow the same distribution but not the reference's r
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import numbers
@@ -64,6 +83,7 @@ from typing import Any, Literal, NamedTuple, Optional
 
 import peft
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nara_diffusion.core.noise import ComputedNoiseLevel
@@ -71,16 +91,32 @@ from nara_diffusion.core.tuner import memoized_cores, precompute_cores
 
 from .kv_cache import LLaDACache
 from .masking import uniform
-from .model_info import model_device, resolve_mask_token_id, unwrap_parallel
+from .model_info import logits_shift, model_device, model_family, resolve_mask_token_id, unwrap_parallel
 from .noise_bins import noise_bin, noise_bin_count, noise_bin_name
 from .objectives import is_noise_conditioned, supports_logits_positions
 from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
+from .unmasking import (
+    DEFAULT_EPS,
+    DREAM_ALGS,
+    RANKED_DREAM_ALGS,
+    REMASKING,
+    SCHEDULES,
+    THRESHOLD_REMASKING,
+    Step,
+    dream_proposal,
+    family_defaults,
+    gumbel_argmax,
+    gumbel_keys,
+    reveal_at_random,
+    step_plan,
+    transfer_schedule,
+)
 
 NoiseRule = Literal["generation", "sequence", "block"]
-Remasking = Literal["low_confidence", "random"]
+Remasking = Literal["low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy"]
+Schedule = Literal["linear", "timesteps"]
 CacheMode = Literal["prefix", "dual"]
 NOISE_RULES: tuple[str, ...] = ("generation", "sequence", "block")
-REMASKING: tuple[str, ...] = ("low_confidence", "random")
 CACHE_MODES: tuple[str, ...] = ("prefix", "dual")
 # Confidence given to suppressed candidates: below any probability (and any U[0, 1) draw), above non-candidates.
 _SUPPRESSED = -1.0
@@ -143,20 +179,18 @@ def canvas_noise_level(
     return MaskRatio(masked, torch.full_like(masked, region.shape[1]))
 
 
-def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
-    """Tokens committed at each step of a block under LLaDA's linear schedule: ``⌊m/S⌋ + [i < m mod S]``."""
-    base, extra = divmod(block_length, steps_per_block)
-    return [base + (i < extra) for i in range(steps_per_block)]
-
-
 # -- the model call -------------------------------------------------------------------------------------------------
 class Denoiser:
     """Calls a masked-diffusion LM the way its adapter needs, for the sampler and the likelihood estimator.
 
     A NaRA model gets ``noise_level=λ``; a noise-bin set gets the adapter of each row's bin; a LoRA or base model
     gets neither. Logits are computed only at the requested positions when the model supports
-    ``logits_positions`` (native LLaDA does). Use it as a context manager: inside, the model is in eval mode (and
-    with ``memoize_cores`` a NaRA model's cores are memoised by λ value, `nara_diffusion.core.tuner.memoized_cores`:
+    ``logits_positions`` (native LLaDA and Dream do). A family whose output at position i predicts token i + shift
+    (`logits_shift`: Dream's 1) is read at the row ``position − shift``, position 0 from itself (the convention of
+    `nara_diffusion.text.objectives.align_logits`), so row n of the result always predicts the n-th requested
+    position, for the sampler and the likelihood alike. Use it as a context manager: inside, the model is in eval
+    mode (and with ``memoize_cores`` a NaRA model's cores are memoised by λ value,
+    `nara_diffusion.core.tuner.memoized_cores`:
     the hypernetwork runs once per distinct λ, each value alone, and with ``noise_grid=n`` the cores of λ = k / n,
     k = 0 … n, are computed on entry in one run; the sampler's λ take few values, a Monte-Carlo estimator's many);
     on exit its mode (and, for noise-bin sets, the active adapter and which parameters require
@@ -309,20 +343,35 @@ class Denoiser:
         attention_mask: Optional[torch.Tensor],
         cache_kw: Optional[dict[str, Any]] = None,
     ) -> Any:
-        """One model call: the ``[N, V]`` logits at ``positions``, or with ``cache_kw`` (logits, the returned cache)."""
+        """One model call: the ``[N, V]`` logits that predict the tokens at ``positions`` (the family's shift applied),
+        or with ``cache_kw`` (logits, the returned cache)."""
         kwargs: dict[str, Any] = dict(cache_kw or {})
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if lam is not None:
             kwargs["noise_level"] = ComputedNoiseLevel(lam)  # the canvas's mask fraction: in [0, 1] by construction
-        if self.logits_positions:
-            kwargs["logits_positions"] = positions
+        shift = self.logits_shift
+        if shift and cache_kw:
+            raise ValueError("The K/V cache is implemented for native LLaDA only, not for a shifted family.")
+        # the rows that predict `positions`; a position below the shift reads row 0, which a row request cannot repeat
+        rows = positions if not shift else F.pad(positions[:, shift:], (0, shift), value=False)
+        if self.logits_positions and not (shift and bool(positions[:, :shift].any())):
+            kwargs["logits_positions"] = rows
         output = self.model(input_ids, **kwargs)
         logits = output.logits
-        logits = logits[positions] if logits.dim() == 3 else logits
+        if logits.dim() == 3 and not shift:
+            logits = logits[positions]
+        elif logits.dim() == 3:  # align_logits(logits, shift)[positions], without copying the full logits
+            row, col = positions.nonzero(as_tuple=True)
+            logits = logits[row, (col - shift).clamp(min=0)]
         if cache_kw is None:
             return logits
         return logits, (getattr(output, "cache", None) if kwargs.get("use_cache") else None)
+
+    @functools.cached_property
+    def logits_shift(self) -> int:
+        """How far ahead the model predicts (`nara_diffusion.text.model_info.logits_shift`: LLaDA 0, Dream 1)."""
+        return logits_shift(self.model)
 
 
 def memoize_cores(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -349,20 +398,6 @@ def supports_kv_cache(model: nn.Module) -> bool:
 
 
 # -- one step -------------------------------------------------------------------------------------------------------
-def gumbel_argmax(
-    logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """A draw from ``softmax(logits / temperature)`` per position by the Gumbel-max trick in float64.
-
-    argmax ``exp(l) / (−log u)^T`` (LLaDA's form) is computed as argmax ``l − T·log(−log u)``, which is the same
-    draw without overflow. ``temperature`` 0 is the plain argmax. ``logits``: ``[..., V]`` → ``[...]`` long.
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    u = uniform(logits.shape, generator, logits.device, torch.float64)
-    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
-
-
 def propose(
     logits: torch.Tensor,
     *,
@@ -370,26 +405,39 @@ def propose(
     remasking: Remasking = "low_confidence",
     suppress_tokens: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proposed tokens x0 and their confidence.
 
     Args:
         logits: ``[B, Lb, V]`` float logits of the current block (banned tokens already at −∞).
         temperature: 0 for greedy, else Gumbel-max sampling at that temperature.
-        remasking: ``"low_confidence"``: softmax probability of x0 under the un-noised logits; ``"random"``: U(0, 1).
-        suppress_tokens: ``[K]`` long; a proposal of one of these tokens gets confidence −1 (ranked last).
+        remasking: ``"low_confidence"``: softmax probability of x0 under the un-noised logits; ``"random"``: U(0, 1);
+            Dream's ``"maskgit_plus"``, ``"topk_margin"``, ``"entropy"``, ``"origin"``
+            (`nara_diffusion.text.unmasking.dream_proposal`).
+        suppress_tokens: ``[K]`` long; a proposal of one of these tokens is ranked last (confidence −1; for Dream's
+            algorithms, whose confidence can be below −1, the dtype's minimum).
         generator: Random source for sampling and random confidence.
+        top_p, top_k: Dream's nucleus / top-k cuts (Dream's algorithms only).
 
     Returns:
         ``(x0 [B, Lb] long, confidence [B, Lb] float)``.
     """
-    x0 = gumbel_argmax(logits, temperature, generator)
-    if remasking == "low_confidence":
-        confidence = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    if remasking in DREAM_ALGS:
+        x0, confidence = dream_proposal(
+            logits, remasking, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+        )
+        suppressed = torch.finfo(confidence.dtype).min
     else:
-        confidence = uniform(x0.shape, generator, x0.device, logits.dtype)
+        x0 = gumbel_argmax(logits, temperature, generator)
+        if remasking == "low_confidence":
+            confidence = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        else:
+            confidence = uniform(x0.shape, generator, x0.device, logits.dtype)
+        suppressed = _SUPPRESSED
     if suppress_tokens is not None and suppress_tokens.numel():
-        confidence = confidence.masked_fill(torch.isin(x0, suppress_tokens), _SUPPRESSED)
+        confidence = confidence.masked_fill(torch.isin(x0, suppress_tokens), suppressed)
     return x0, confidence
 
 
@@ -456,7 +504,7 @@ class _Settings:
     gen_length: int
     block_length: int
     num_blocks: int
-    schedule: list[int]
+    schedule: list[Step]  # the step plan of every block
     temperature: float
     cfg_scale: float
     remasking: str
@@ -466,6 +514,9 @@ class _Settings:
     mask_id: int
     eos_id: Optional[int]
     till_eos: bool
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    alg_temp: Optional[float] = None
 
 
 def _model_inputs(
@@ -490,7 +541,7 @@ def _step(
     denoise: Denoiser,
     s: _Settings,
     block: tuple[int, int],
-    k: Optional[int],
+    step: Optional[Step],
     banned: Optional[torch.Tensor],
     suppress: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
@@ -501,7 +552,8 @@ def _step(
     Without a cache, or at a block's first step (``kv`` None), the forward runs the whole canvas; with ``s.cache``
     it also returns the K/V to reuse for the block's later steps (prefix: cut to the columns before the block).
     Those steps run the block and everything after it (prefix) or the block alone (dual) against ``kv``, which is
-    returned unchanged."""
+    returned unchanged. ``step``: how many to commit (or, for ``"origin"``, with which probability); None under a
+    threshold."""
     start, end = block
     ids, attn, noise = _model_inputs(canvas, s, block, denoise.needs_noise_level)
     if kv is None:
@@ -522,19 +574,31 @@ def _step(
     if banned is not None:
         logits[..., banned] = float("-inf")
     x0, confidence = propose(
-        logits, temperature=s.temperature, remasking=s.remasking, suppress_tokens=suppress, generator=generator
+        logits,
+        temperature=s.temperature,
+        remasking=s.remasking,
+        suppress_tokens=suppress,
+        generator=generator,
+        top_p=s.top_p,
+        top_k=s.top_k,
     )
     current = canvas.x[:, start:end]
     candidates = current == s.mask_id
-    chosen = select_transfer(confidence, candidates, k, s.threshold)
+    if s.remasking == "origin":
+        chosen = reveal_at_random(candidates, step.fraction, generator)
+    else:
+        if s.alg_temp:
+            confidence = gumbel_keys(confidence, s.alg_temp, generator)
+        chosen = select_transfer(confidence, candidates, None if step is None else step.count, s.threshold)
     canvas.x[:, start:end] = torch.where(chosen, x0, current)
     return kv
 
 
-def _block_steps(s: _Settings, canvas: _Canvas, block: tuple[int, int]) -> Iterator[Optional[int]]:
-    """The per-step commit counts of a block; with a threshold, steps until every row's block is filled."""
+def _block_steps(s: _Settings, canvas: _Canvas, block: tuple[int, int]) -> Iterator[Optional[Step]]:
+    """The steps of a block (those that commit nothing skipped); with a threshold, steps until every row's block is
+    filled."""
     if s.threshold is None:
-        yield from s.schedule
+        yield from (step for step in s.schedule if step.count or s.remasking == "origin")
         return
     for _ in itertools.count():
         if not bool((canvas.x[:, block[0] : block[1]] == s.mask_id).any()):
@@ -564,7 +628,7 @@ def generate(
     block_length: Optional[int] = None,
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
-    remasking: Remasking = "low_confidence",
+    remasking: Optional[Remasking] = None,
     till_eos: Optional[bool] = None,
     noise_rule: NoiseRule = "generation",
     attention_mask: Optional[torch.Tensor] = None,
@@ -576,20 +640,29 @@ def generate(
     eos_token_id: Optional[int] = None,
     max_length: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    schedule: Optional[Schedule] = None,
+    eps: float = DEFAULT_EPS,
+    alg_temp: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
 ) -> torch.Tensor:
-    """Generate with LLaDA's reverse process; returns the whole sequences (prompt + generation), as LLaDA does.
+    """Generate with the reverse process of the model's family (LLaDA's, or Dream's ``diffusion_generate``); returns
+    the whole sequences (prompt + generation), as both do.
 
     Args:
-        model: A masked-diffusion LM (native LLaDA or anything returning ``.logits``), bare or with a NaRA, LoRA
-            or noise-bin adapter set (see the module docstring).
+        model: A masked-diffusion LM (native LLaDA or Dream, or anything returning ``.logits``), bare or with a NaRA,
+            LoRA or noise-bin adapter set (see the module docstring).
         input_ids: ``[B, P]`` prompts, left-padded when their lengths differ.
-        gen_length: Tokens to generate, G.
-        steps: Reverse steps in all, split evenly across blocks; at most ``gen_length``.
+        gen_length: Tokens to generate, G (Dream's ``max_new_tokens``).
+        steps: Reverse steps in all, split evenly across blocks; at most ``gen_length`` under the linear schedule.
         block_length: Semi-autoregressive block size; must divide ``gen_length``. None: one block (pure diffusion).
         temperature: 0: greedy; > 0: exact sampling from softmax(logits / T) by Gumbel-max (float64).
         cfg_scale: Unsupervised classifier-free guidance: ``un + (cfg + 1)·(cond − un)``, the unconditional half
             seeing the prompt as masks (one doubled batch).
-        remasking: ``"low_confidence"`` (commit the most probable proposals first) or ``"random"``.
+        remasking: Which masked positions a step reveals (Dream's ``alg``; `nara_diffusion.text.unmasking`): LLaDA's
+            ``"low_confidence"`` (the most probable proposals first) or ``"random"``; Dream's ``"maskgit_plus"``,
+            ``"topk_margin"``, ``"entropy"`` or ``"origin"`` (each position with probability 1 − s/t). None: the
+            family's (LLaDA ``"low_confidence"``, Dream ``"entropy"``, the algorithm of Dream's README example).
         till_eos: Block-wise early termination: once a finished block of an example contains EOS, decode one more
             block, fill the rest with EOS and stop that example. None: on for NaRA models (the authors' harness),
             off otherwise (LLaDA's sampler).
@@ -612,16 +685,27 @@ def generate(
         max_length: Longest sequence the model takes. Default: ``model.config.max_sequence_length`` (or
             ``max_position_embeddings``); None there: unchecked.
         generator: Random source for sampling and random remasking.
+        schedule: How many positions each step of a block reveals: ``"linear"`` (LLaDA's ``transfer_schedule``) or
+            ``"timesteps"`` (Dream's: times linspace(1, ``eps``, S + 1), int(#masked · (1 − s/t)) per step, the rest
+            at the last step). None: the family's (LLaDA linear, Dream timesteps).
+        eps: The final time of the timesteps schedule (Dream's ``eps``, default 1e-3 as in its generation config).
+        alg_temp: Dream's ``alg_temp``: > 0 draws the positions to reveal from softmax(confidence / alg_temp) instead
+            of taking the most confident (``maskgit_plus``, ``topk_margin``, ``entropy``); None or 0: the most
+            confident.
+        top_p, top_k: Dream's nucleus and top-k cuts of the logits before its proposals and confidences (Dream's
+            algorithms only). None: no cut.
 
     Returns:
         ``[B, P + G]`` long token ids on the model's device.
 
     Raises:
         ValueError: ``gen_length`` not divisible by ``block_length``, ``steps`` not divisible by the number of
-            blocks or larger than ``gen_length``, an empty prompt, a prompt that with ``gen_length`` exceeds the
-            model's maximum length, the mask token inside a prompt, padding not on the left, a prompt id (padding
-            included) or special token id outside [0, vocab_size) (``config.vocab_size`` and the input embedding's
-            rows; checked once, before the first step), an unknown option, a noise-bin adapter set with a missing bin.
+            blocks or (linear schedule) larger than ``gen_length``, an empty prompt, a prompt that with
+            ``gen_length`` exceeds the model's maximum length, the mask token inside a prompt, padding not on the
+            left, a prompt id (padding included) or special token id outside [0, vocab_size) (``config.vocab_size``
+            and the input embedding's rows; checked once, before the first step), an unknown option or a combination
+            that does not apply (e.g. ``top_p`` with LLaDA's remasking, ``threshold`` with ``"entropy"``), a
+            noise-bin adapter set with a missing bin.
     """
     config = getattr(model, "config", None)
     mask_id = resolve_mask_token_id(model, mask_token_id)
@@ -640,6 +724,7 @@ def generate(
     denoise = Denoiser(model, memoize_cores=True, noise_grid=grid)
     if till_eos is None:
         till_eos = denoise.noise_conditioned and eos_id is not None
+    defaults = family_defaults(model_family(model))
     settings = _check_settings(
         width=input_ids.shape[1],
         gen_length=gen_length,
@@ -647,10 +732,15 @@ def generate(
         block_length=gen_length if block_length is None else block_length,
         temperature=temperature,
         cfg_scale=cfg_scale,
-        remasking=remasking,
+        remasking=defaults.remasking if remasking is None else remasking,
         noise_rule=noise_rule,
         threshold=threshold,
         cache=cache,
+        schedule=defaults.schedule if schedule is None else schedule,
+        eps=eps,
+        alg_temp=alg_temp,
+        top_p=top_p,
+        top_k=top_k,
         mask_id=int(mask_id),
         eos_id=None if eos_id is None else int(eos_id),
         till_eos=bool(till_eos),
@@ -662,6 +752,8 @@ def generate(
             f"nara_diffusion.text.llada, bare or with adapters); {type(unwrap_parallel(model)).__name__} does not. "
             "Use cache=None."
         )
+    if settings.remasking == "origin" and len(suppress_tokens):
+        raise ValueError("suppress_tokens ranks proposals by confidence; remasking='origin' reveals at random.")
     check_special_ids(
         vocab_size,
         mask_token_id=settings.mask_id,
@@ -676,11 +768,50 @@ def generate(
         for b in range(settings.num_blocks):
             block = (settings.width + b * settings.block_length, settings.width + (b + 1) * settings.block_length)
             kv: Optional[LLaDACache] = None  # filled at the block's first step when caching
-            for k in _block_steps(settings, canvas, block):
-                kv = _step(canvas, denoise, settings, block, k, banned, suppress, generator, kv)
+            for step in _block_steps(settings, canvas, block):
+                kv = _step(canvas, denoise, settings, block, step, banned, suppress, generator, kv)
             if settings.till_eos and _end_block(canvas, settings, block):
                 break
     return canvas.result()
+
+
+def dream_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    steps: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    temperature: float = 0.2,
+    top_p: Optional[float] = 0.95,
+    top_k: Optional[int] = None,
+    alg: Remasking = "entropy",
+    alg_temp: Optional[float] = 0.0,
+    eps: float = DEFAULT_EPS,
+    generator: Optional[torch.Generator] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Dream's ``diffusion_generate`` under its own argument names: `generate` with one block and Dream's timesteps
+    schedule. The defaults are the settings of Dream's README example (``steps`` = ``max_new_tokens``, temperature 0.2,
+    top-p 0.95, ``alg="entropy"``, ``alg_temp=0``) and the Hub generation config's ``eps`` 1e-3; ``temperature=0,
+    top_p=None`` is deterministic. ``kwargs`` go to `generate` (e.g. ``threshold``, ``banned_tokens``). Returns
+    ``[B, P + max_new_tokens]`` token ids."""
+    return generate(
+        model,
+        input_ids,
+        gen_length=max_new_tokens,
+        steps=max_new_tokens if steps is None else steps,
+        attention_mask=attention_mask,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        remasking=alg,
+        alg_temp=alg_temp,
+        eps=eps,
+        schedule="timesteps",
+        generator=generator,
+        **kwargs,
+    )
 
 
 # -- validation -----------------------------------------------------------------------------------------------------
@@ -734,6 +865,11 @@ def _check_settings(
     noise_rule: str,
     threshold: Optional[float],
     cache: Optional[str] = None,
+    schedule: str = "linear",
+    eps: float = DEFAULT_EPS,
+    alg_temp: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
     **rest: Any,
 ) -> _Settings:
     for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
@@ -750,7 +886,9 @@ def _check_settings(
             f"steps ({steps}) must be divisible by the number of blocks (gen_length / block_length = {num_blocks}), "
             "since each block gets the same number of steps."
         )
-    if steps > gen_length:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if steps > gen_length and schedule == "linear":
         raise ValueError(
             f"steps ({steps}) exceeds gen_length ({gen_length}): every step commits at least one token; use "
             f"steps <= {gen_length} (steps = gen_length is one token per step)."
@@ -766,6 +904,7 @@ def _check_settings(
         raise ValueError(f"cfg_scale must be a finite number >= 0 (0 disables guidance), got {cfg_scale!r}.")
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}.")
+    _check_dream_options(remasking, threshold, eps, alg_temp, top_p, top_k)
     if noise_rule not in NOISE_RULES:
         raise ValueError(f"noise_rule must be one of {NOISE_RULES}, got {noise_rule!r}.")
     if threshold is not None and not 0 < threshold <= 1:
@@ -779,15 +918,55 @@ def _check_settings(
         gen_length=int(gen_length),
         block_length=int(block_length),
         num_blocks=int(num_blocks),
-        schedule=transfer_schedule(int(block_length), int(steps // num_blocks)),
+        schedule=step_plan(schedule, int(block_length), int(steps // num_blocks), float(eps)),
         temperature=float(temperature),
         cfg_scale=float(cfg_scale),
         remasking=remasking,
         noise_rule=noise_rule,
         threshold=threshold,
         cache=cache,
+        top_p=None if top_p is None else float(top_p),
+        top_k=None if top_k is None else int(top_k),
+        alg_temp=float(alg_temp) if alg_temp else None,  # 0 is Dream's "take the most confident", as None
         **rest,
     )
+
+
+def _check_dream_options(
+    remasking: str,
+    threshold: Optional[float],
+    eps: float,
+    alg_temp: Optional[float],
+    top_p: Optional[float],
+    top_k: Optional[int],
+) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1) (the final time of the timesteps schedule), got {eps!r}.")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (the nucleus' probability), got {top_p!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    if (top_p is not None or top_k is not None) and remasking not in DREAM_ALGS:
+        raise ValueError(
+            f"top_p / top_k shape Dream's proposals and confidences (remasking one of {DREAM_ALGS}); "
+            f"remasking={remasking!r} does not use them: leave them None."
+        )
+    if alg_temp is not None and not (isinstance(alg_temp, numbers.Real) and 0 <= alg_temp < float("inf")):
+        raise ValueError(f"alg_temp must be a finite number >= 0 (0 or None: the most confident), got {alg_temp!r}.")
+    if alg_temp and remasking not in RANKED_DREAM_ALGS:
+        raise ValueError(
+            f"alg_temp samples positions by Dream's confidence: remasking must be one of "
+            f"{RANKED_DREAM_ALGS}, got {remasking!r}."
+        )
+    if alg_temp and threshold is not None:
+        raise ValueError(
+            "alg_temp draws a fixed number of positions per step and threshold reveals by confidence: use one of them."
+        )
+    if threshold is not None and remasking not in THRESHOLD_REMASKING:
+        raise ValueError(
+            f"threshold compares a confidence in [0, 1] with τ; remasking={remasking!r} has none ('origin') or a "
+            f"negative one ('entropy'): use one of {THRESHOLD_REMASKING}, or threshold=None."
+        )
 
 
 def _id_tensor(ids: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
@@ -807,9 +986,11 @@ __all__ = [
     "CACHE_MODES",
     "NOISE_RULES",
     "REMASKING",
+    "SCHEDULES",
     "Denoiser",
     "MaskRatio",
     "canvas_noise_level",
+    "dream_generate",
     "generate",
     "gumbel_argmax",
     "memoize_cores",

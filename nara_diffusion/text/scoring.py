@@ -44,7 +44,6 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
 
-
 # -- answer extraction --------------------------------------------------------------------------------------------
 def extract_number(text: str) -> Optional[float]:
     """The final number of a math answer: the one after ``####`` if present, else the last one; None if none."""
@@ -133,7 +132,6 @@ def accuracy(predictions: Sequence[str], golds: Sequence[Any], kind: AnswerKind 
     return sum(score_answer(p, g, kind)[1] for p, g in zip(predictions, golds, strict=True)) / len(golds)
 
 
-
 # -- a test set ----------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationEval:
@@ -194,7 +192,6 @@ def evaluate_generation(
             {"index": i, "prompt": pair.prompt, "gold": gold, "prediction": text, "extracted": extracted, "correct": ok}
         )
     return GenerationEval(correct / len(rows), correct, len(rows), rows)
-
 
 
 __all__ = [
