@@ -15,6 +15,7 @@ from reference import computed, f32_tol
 from torch import nn
 
 import nara_diffusion as nd
+import nara_diffusion.text.denoiser as denoiser
 import nara_diffusion.text.sampler as sampler
 from nara_diffusion.core.hypernet import CoreGenerator
 from nara_diffusion.text.data import encode_prompts
@@ -269,7 +270,7 @@ def test_the_hypernetwork_runs_once_per_distinct_noise_level_and_changes_no_toke
         assert len(distinct) > 12 and len(runs) == len(distinct) and set(runs) == {1}  # each λ alone, once
         for p in ([5, 6, 7], [13, 14]):  # batch of one: the un-memoised hypernetwork sees the same [1] input
             with monkeypatch.context() as patch:
-                patch.setattr(sampler, "memoized_cores", lambda model: contextlib.nullcontext())
+                patch.setattr(denoiser, "memoized_cores", lambda model: contextlib.nullcontext())
                 runs.clear()
                 plain = generate(model, torch.tensor([p]), cache=cache, **settings)
                 assert len(runs) == 12  # once per forward without the memo

@@ -100,7 +100,7 @@ GRAPH = import_graph()
 def test_the_graph_sees_the_package_and_its_lazy_imports():
     assert {"nara_diffusion.core.tuner", "nara_diffusion.text.sampler", "nara_diffusion.training.loop"} <= set(GRAPH)
     assert "nara_diffusion.core" in GRAPH["nara_diffusion"]  # `from .core import ...` in the package __init__
-    assert "nara_diffusion.text.objectives" in GRAPH["nara_diffusion.text.sampler"]
+    assert "nara_diffusion.text.objectives" in GRAPH["nara_diffusion.text.denoiser"]
 
 
 def test_the_parser_resolves_relative_function_level_and_from_package_imports(tmp_path):

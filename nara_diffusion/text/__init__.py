@@ -4,6 +4,7 @@ extra and is imported on its own.)"""
 
 from . import dream, llada
 from .data import collate_sft, load_sft_data, tokenize_sft
+from .denoiser import Denoiser, MaskRatio
 from .dream import DreamConfig, DreamModel
 from .finetune import FinetuneConfig, run_finetune
 from .likelihood import mc_loglikelihood
@@ -13,7 +14,7 @@ from .masking import MaskedBatch, mask_answers
 from .noise_bins import noise_bin_count
 from .noise_profile import noise_profile, plot_noise_profiles
 from .objectives import lift_loss, masked_diffusion_loss, sft_loss
-from .sampler import Denoiser, MaskRatio, canvas_noise_level, dream_generate, generate
+from .sampler import canvas_noise_level, dream_generate, generate
 from .scoring import GenerationEval, evaluate_generation, score_answer
 
 __all__ = [

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .denoiser import Denoiser, MaskRatio
 from .model_info import model_device, resolve_mask_token_id
-from .sampler import Denoiser, MaskRatio
 from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
 
 

@@ -19,12 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import collate_sft
+from .denoiser import Denoiser
 from .loading import load_adapter
 from .masking import MASKING_MODES, MaskingMode, mask_answers
 from .model_info import model_device, resolve_mask_token_id
 from .noise_bins import noise_bin_of_level
 from .objectives import is_noise_conditioned, logits_at, sft_loss
-from .sampler import Denoiser
 from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
 
 ProfileTokens = Literal["all", "answer"]
