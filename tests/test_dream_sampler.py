@@ -368,18 +368,24 @@ def test_generate_and_evaluate_scripts_run_a_dream_with_its_options(dream_folder
     assert len((tmp_path / "predictions.nara.jsonl").read_text().splitlines()) == 2
 
 
-def test_finetune_scores_a_test_set_on_a_dream(dream_folder, tmp_path):
+def test_finetune_scores_a_test_set_on_a_dream(dream_folder, tmp_path, monkeypatch):
+    import nara_diffusion.text.finetune as finetune
     from nara_diffusion.text.finetune import FinetuneConfig, run_finetune
 
+    calls: list[dict] = []
+    evaluate = finetune.evaluate_generation
+    monkeypatch.setattr(finetune, "evaluate_generation", lambda *a, **kw: calls.append(kw) or evaluate(*a, **kw))
     config = FinetuneConfig(
         model=str(dream_folder / "base"), dataset=str(DATA), output_dir=str(tmp_path), max_length=48, batch_size=4,
         grad_accum=1, val_size=0, r=2, hidden_dims=[8], max_steps=1, eval_every=0, report_to="none",
-        test_dataset=str(DATA), test_size=2,
+        test_dataset=str(DATA), test_size=2, test_gen_length=16,
     )  # fmt: skip
     run_finetune(config)
     for when in ("before", "after"):
         lines = [json.loads(x) for x in (tmp_path / f"test_{when}.jsonl").read_text().splitlines()]
         assert len(lines) == 2 and all(isinstance(r["prediction"], str) for r in lines)
+    # Dream's sampler runs one block (LLaDA's configured lengths are cut into blocks of 8)
+    assert [(c["gen_length"], c["block_length"]) for c in calls] == [(16, 16), (16, 16)]
 
 
 def test_lm_eval_model_generates_and_scores_with_a_dream(dream_folder):
@@ -397,3 +403,18 @@ def test_lm_eval_model_generates_and_scores_with_a_dream(dream_folder):
     choice = Instance("loglikelihood", {}, ("what is two plus", " three"), 0)
     ((ll, greedy),) = lm.loglikelihood([choice])
     assert ll < 0 and greedy is False
+
+
+def test_an_answer_ends_at_either_family_s_end_of_turn_token():
+    """Dream-Instruct closes a turn with ChatML's ``<|im_end|>``, LLaDA-Instruct with ``<|eot_id|>``: both cut the
+    decoded answer, as EOS does; a vocabulary without them adds nothing."""
+    from nara_diffusion.text.prompting import decode_generation, stop_token_ids
+
+    plain = tiny_chat_tokenizer()
+    assert stop_token_ids(plain) == [plain.eos_token_id]
+    tok = tiny_chat_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|eot_id|>"]})
+    im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|eot_id|>"])
+    assert sorted(stop_token_ids(tok)) == sorted([tok.eos_token_id, im_end, eot])
+    words = tok.convert_tokens_to_ids(["the", "answer", "is", "two"])
+    assert decode_generation(tok, [*words[:2], im_end, *words[2:]], stop_token_ids(tok)) == "the answer"

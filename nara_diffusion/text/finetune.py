@@ -382,7 +382,7 @@ def _test(
             answer_column=config.answer_column,
             batch_size=config.test_batch_size,
             progress=True,
-            **_test_sampler(config, sampling),
+            **_test_sampler(config, sampling, semi_autoregressive=model_family(model) != "Dream"),
         )
         model.train(was_training)
         result.write_jsonl(Path(config.output_dir) / f"test_{when}.jsonl")
@@ -391,14 +391,16 @@ def _test(
     return result
 
 
-def _test_sampler(config: FinetuneConfig, sampling: dict[str, Any]) -> dict[str, Any]:
+def _test_sampler(config: FinetuneConfig, sampling: dict[str, Any], semi_autoregressive: bool = True) -> dict[str, Any]:
     """The test sampler's settings: the config's, else the trained length in one block, one token per step (also for
-    the base model before training, so that before and after sample the same canvas). A configured length other
+    the base model before training, so that before and after sample the same canvas); a configured length is cut
+    into LLaDA's blocks of 8 when ``semi_autoregressive`` (Dream's sampler runs one block). A configured length other
     than the trained one warns when the trained adapter is tested (`sampler_settings`)."""
     gen_length = config.test_gen_length or int(sampling["gen_length"])
     block_length = config.test_block_length
     if block_length is None:
-        block_length = 8 if config.test_gen_length is not None and gen_length % 8 == 0 else gen_length
+        blocks_of_8 = semi_autoregressive and config.test_gen_length is not None and gen_length % 8 == 0
+        block_length = 8 if blocks_of_8 else gen_length
     return {"gen_length": gen_length, "steps": config.test_steps or gen_length, "block_length": block_length}
 
 

@@ -13,12 +13,18 @@ from .model_info import model_device, resolve_mask_token_id
 from .sampler import generate, memoize_cores
 from .trained_sampling import sampler_settings
 
+#: End-of-turn tokens of the chat templates: LLaDA-Instruct's, and Dream-Instruct's (Qwen2's ChatML).
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
+
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: EOS, and LLaDA-Instruct's end of turn ``<|eot_id|>`` if the vocabulary has it."""
+    """Token ids that end an answer: EOS, and each end-of-turn token of `END_OF_TURN_TOKENS` the vocabulary has."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() else None
-    return ids + ([eot] if eot is not None and eot not in ids else [])
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab and vocab[token] not in ids:
+            ids.append(vocab[token])
+    return ids
 
 
 def left_pad(
