@@ -534,7 +534,9 @@ class Trainer:
         if acc.log_with:
             acc.init_trackers("nara_diffusion", config=config_to_dict(cfg))
         self.model.train()
-        bar = tqdm(total=self.total_updates, initial=self.global_step, disable=not acc.is_local_main_process)
+        # An explicit `disable` overrides tqdm's TQDM_DISABLE, so honour it here (benchmark workers set it).
+        quiet = not acc.is_local_main_process or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+        bar = tqdm(total=self.total_updates, initial=self.global_step, disable=quiet)
         epoch = self.batches_done // len(self.loader)
         running: list[torch.Tensor] = []
         while self.global_step < self.total_updates:
