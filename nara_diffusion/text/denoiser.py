@@ -18,7 +18,7 @@ from torch import nn
 from nara_diffusion.core.noise import ComputedNoiseLevel
 from nara_diffusion.core.tuner import memoized_cores, precompute_cores
 
-from .kv_cache import LLaDACache
+from .kv_cache import KVCache
 from .model_info import logits_shift, model_device, unwrap_parallel
 from .noise_bins import noise_bin, noise_bin_count, noise_bin_name
 from .objectives import is_noise_conditioned, supports_logits_positions
@@ -63,7 +63,7 @@ class Denoiser:
         num_bins: K of a noise-bin set, else None.
         needs_noise_level: Either of the two: λ must be computed before each forward.
         kv_cache: The model takes and returns a K/V cache (``cache=``, ``use_cache=``, ``query_start=``: native
-            LLaDA, bare or with adapters).
+            LLaDA and Dream, bare or with adapters).
     """
 
     def __init__(self, model: nn.Module, memoize_cores: bool = False, noise_grid: Optional[int] = None) -> None:
@@ -132,15 +132,18 @@ class Denoiser:
         noise: Optional[MaskRatio] = None,
         attention_mask: Optional[torch.Tensor] = None,
         *,
-        cache: Optional[LLaDACache] = None,
+        cache: Optional[KVCache] = None,
         query_start: int = 0,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, Optional[LLaDACache]]:
+    ) -> tuple[torch.Tensor, Optional[KVCache]]:
         """`__call__` with a K/V cache (models with `kv_cache` only).
 
         ``input_ids`` and ``positions`` are ``[B, n]``, positions ``query_start …`` of the sequence; ``cache`` holds
         the K/V of the other positions; ``attention_mask`` covers the whole sequence. Returns the logits and, with
-        ``use_cache``, the K/V of every position (rows of different noise bins run apart and are merged back).
+        ``use_cache``, the K/V of every position (rows of different noise bins run apart and are merged back). For a
+        shifted family a position is read from the input's row ``shift`` places before it, so with ``query_start``
+        > 0 the first ``shift`` input positions cannot be asked for (their rows lie before the input): start the
+        input that much earlier.
         """
         if self.needs_noise_level and noise is None:
             raise ValueError("This model is conditioned on the noise level; pass noise=MaskRatio(...).")
@@ -159,7 +162,7 @@ class Denoiser:
             return self._run(input_ids, positions, lam, attention_mask, cache_kw)
         pos_rows = positions.nonzero()[:, 0]
         out: Optional[torch.Tensor] = None
-        caches: list[tuple[torch.Tensor, LLaDACache]] = []
+        caches: list[tuple[torch.Tensor, KVCache]] = []
         for index in present:
             rows = (bins == index).nonzero().squeeze(1)
             self.use_bin(index)
@@ -176,7 +179,7 @@ class Denoiser:
             out[bins[pos_rows] == index] = logits
             if part_cache is not None:
                 caches.append((rows, part_cache))
-        return out, (LLaDACache.merge(caches, input_ids.shape[0]) if caches else None)
+        return out, (KVCache.merge(caches, input_ids.shape[0]) if caches else None)
 
     def use_bin(self, index: int) -> None:
         """Make the adapter of noise bin ``index`` (1-based) active, if it is not already."""
@@ -192,7 +195,7 @@ class Denoiser:
         lam: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor],
         cache_kw: dict[str, Any],
-    ) -> tuple[torch.Tensor, Optional[LLaDACache]]:
+    ) -> tuple[torch.Tensor, Optional[KVCache]]:
         if not cache_kw:
             return self._forward(input_ids, positions, lam, attention_mask), None
         return self._forward(input_ids, positions, lam, attention_mask, cache_kw)
@@ -213,11 +216,17 @@ class Denoiser:
         if lam is not None:
             kwargs["noise_level"] = ComputedNoiseLevel(lam)  # the canvas's mask fraction: in [0, 1] by construction
         shift = self.logits_shift
-        if shift and cache_kw:
-            raise ValueError("The K/V cache is implemented for native LLaDA only, not for a shifted family.")
+        early = bool(shift) and bool(positions[:, :shift].any())  # positions that read row 0 (one host sync)
+        query_start = (cache_kw or {}).get("query_start") or 0
+        if early and query_start:
+            raise ValueError(
+                f"The logits are shifted by {shift}: the first {shift} position(s) of an input that starts at "
+                f"query_start={query_start} are predicted by outputs before it; start the input at "
+                f"query_start={query_start - shift} and ask for the positions after."
+            )
         # the rows that predict `positions`; a position below the shift reads row 0, which a row request cannot repeat
         rows = positions if not shift else F.pad(positions[:, shift:], (0, shift), value=False)
-        if self.logits_positions and not (shift and bool(positions[:, :shift].any())):
+        if self.logits_positions and not early:
             kwargs["logits_positions"] = rows
         output = self.model(input_ids, **kwargs)
         logits = output.logits
@@ -247,8 +256,8 @@ def memoize_cores(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def supports_kv_cache(model: nn.Module) -> bool:
-    """True when the innermost model's ``forward`` takes ``cache``, ``use_cache`` and ``query_start`` (native LLaDA;
-    peft wrappers seen through)."""
+    """True when the innermost model's ``forward`` takes ``cache``, ``use_cache`` and ``query_start`` (native LLaDA
+    and Dream; peft wrappers seen through)."""
     model = unwrap_parallel(model)
     while isinstance(model, peft.PeftModel):
         model = unwrap_parallel(model.get_base_model())

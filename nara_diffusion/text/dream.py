@@ -28,11 +28,18 @@ weight; RoPE tables are computed in fp32 and applied in the activations' dtype; 
 each row's real tokens take RoPE positions 0, 1, … (the Hub's ``tok_idx = cumsum(mask) − 1``), so a left-padded row
 computes what the row alone computes, up to float32 rounding. The Hub code ignores ``use_sliding_window`` under SDPA,
 and so does this one.
+
+One addition for fast decoding (Fast-dLLM's prefix and dual caches, issue 17), which changes neither the parameters,
+the config nor training: a forward with ``use_cache=True`` returns the K/V of every position (a `KVCache`, the class
+native LLaDA uses), and a later forward takes them back (``cache=``, ``query_start=``) and runs only some positions
+(inference only). The logits stay unshifted: the sampler runs the position before the block too
+(`nara_diffusion.text.sampler`).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -50,6 +57,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import logging
 
 from .auto_classes import register_model_type
+from .kv_cache import KVCache, check_cache_call
 from .token_ids import check_token_ids, token_ids_already_checked
 
 logger = logging.get_logger(__name__)
@@ -60,6 +68,7 @@ __all__ = [
     "DreamConfig",
     "DreamDecoderLayer",
     "DreamModel",
+    "DreamOutput",
     "DreamPreTrainedModel",
     "DreamRMSNorm",
     "DreamTokenizer",
@@ -181,15 +190,30 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        start: int = 0,
+        present: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
-        """``x`` [B, L, d]; ``cos``/``sin`` [B|1, 1, L, hd]; ``bias`` additive [B, 1, 1|L, L] or None -> [B, L, d]."""
+        """``x`` [B, n, d], positions ``start … start+n-1``; ``cos``/``sin`` [B|1, 1, n, hd]; ``bias`` additive
+        [B, 1, 1|n, T] or None. ``past``: cached (keys, values) [B, kv_heads, T_c, hd] after RoPE; the keys are the
+        cached ones before ``start``, the fresh ones, then the cached ones after ``start + n``. ``present``: if given,
+        this layer's (keys, values) over the whole sequence are appended to it. Returns [B, n, d]."""
         bsz, length, _ = x.shape
         q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0][:, :, :start], k, past[0][:, :, start + length :]], dim=2)
+            v = torch.cat([past[1][:, :, :start], v, past[1][:, :, start + length :]], dim=2)
+        if present is not None:  # before GQA's repetition: the cache holds kv_heads heads
+            present.append((k, v))
         if self.num_key_value_heads != self.num_heads:  # query head i reads key/value head i // groups
             groups = self.num_heads // self.num_key_value_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -225,9 +249,18 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: Optional[torch.Tensor] = None
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        start: int = 0,
+        present: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, bias)
+        """See `DreamAttention.forward` for the arguments. [B, n, d] -> [B, n, d]."""
+        attn = self.self_attn(self.input_layernorm(hidden_states), cos, sin, bias, past, start, present)
+        hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -273,9 +306,13 @@ class DreamBaseModel(nn.Module):
         position_ids: Optional[torch.Tensor],
         inputs_embeds: Optional[torch.Tensor],
         output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """Returns the normalised last hidden state [B, L, hidden] and, if asked, the hidden states (the input of
-        each layer, then the final normalised state: num_hidden_layers + 1 tensors), as the Hub code."""
+        cache: Optional[KVCache] = None,
+        use_cache: bool = False,
+        query_start: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]], Optional[KVCache]]:
+        """Returns the normalised last hidden state [B, n, hidden], if asked the hidden states (the input of each
+        layer, then the final normalised state: num_hidden_layers + 1 tensors), as the Hub code, and with
+        ``use_cache`` the K/V of every position of the sequence. See `DreamModel.forward` for the cache arguments."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if (
@@ -287,22 +324,39 @@ class DreamBaseModel(nn.Module):
             check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, length = x.shape[:2]
-        bias, pads = _attention_bias(attention_mask, bsz, length, x.dtype)
+        start, total = check_cache_call(
+            cache,
+            query_start,
+            num_layers=self.config.num_hidden_layers,
+            batch_size=bsz,
+            seq_len=length,
+            training=self.training,
+            family="Dream",
+        )
+        if cache is not None and torch.is_tensor(attention_mask) and attention_mask.dim() != 2:
+            raise ValueError("With a cache, attention_mask must be [B, L] over the whole sequence (1 = real token).")
+        bias, pads = _attention_bias(attention_mask, bsz, total, x.dtype)
         if position_ids is None:
             # left padding: each row's real tokens at positions 0, 1, … (the Hub sampler's tok_idx)
-            position_ids = (pads.long().cumsum(-1) - 1).clamp(min=0) if pads is not None else torch.arange(length)
+            if pads is not None:
+                position_ids = (pads.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + length]
+            else:
+                position_ids = torch.arange(start, start + length)
         position_ids = position_ids.to(x.device)
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = rope_tables(position_ids, head_dim, float(self.config.rope_theta), x.dtype)
         all_hidden: Optional[list[torch.Tensor]] = [] if output_hidden_states else None
-        for layer in self.layers:
+        present: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = [] if use_cache else None
+        for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden.append(x)
-            x = layer(x, cos, sin, bias)
+            past = None if cache is None else (cache.keys[i], cache.values[i])
+            x = layer(x, cos, sin, bias, past=past, start=start, present=present)
         x = self.norm(x)
         if all_hidden is not None:
             all_hidden.append(x)
-        return x, (tuple(all_hidden) if all_hidden is not None else None)
+        new_cache = None if present is None else KVCache([k for k, _ in present], [v for _, v in present])
+        return x, (tuple(all_hidden) if all_hidden is not None else None), new_cache
 
 
 def _attention_bias(
@@ -331,6 +385,13 @@ def _attention_bias(
         raise ValueError(f"attention_mask must be [B, L] or [B, 1, L, L], got shape {tuple(mask.shape)}.")
     bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return bias, real
+
+
+@dataclass
+class DreamOutput(MaskedLMOutput):
+    """`MaskedLMOutput` plus ``cache``, the `KVCache` of a call with ``use_cache=True``."""
+
+    cache: Optional[KVCache] = None
 
 
 class DreamModel(DreamPreTrainedModel):
@@ -370,8 +431,11 @@ class DreamModel(DreamPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         num_logits_to_keep: int = 0,
+        cache: Optional[KVCache] = None,
+        use_cache: Optional[bool] = None,
+        query_start: Optional[int] = None,
         **kwargs: Any,
-    ) -> Union[MaskedLMOutput, tuple]:
+    ) -> Union[DreamOutput, tuple]:
         """Bidirectional forward pass; the logits are **not** shifted (row i predicts token i + 1), as the Hub's.
 
         Args:
@@ -379,8 +443,9 @@ class DreamModel(DreamPreTrainedModel):
                 outside raises a ValueError that names it.
             attention_mask: [B, L], 1 for real tokens and 0 for padding (keys at padding are ignored and, unless
                 ``position_ids`` are given, each row's real tokens take positions 0, 1, …); or the Hub sampler's
-                [B, 1, L, L] bool with its ``position_ids``; None, ``"full"`` or all ones: no mask.
-            position_ids: optional [B, L] or [L] RoPE positions (the Hub's third positional argument).
+                [B, 1, L, L] bool with its ``position_ids``; None, ``"full"`` or all ones: no mask. With ``cache``
+                it covers the whole sequence, [B, T] (a 4-d mask is refused).
+            position_ids: optional [B, L] or [L] RoPE positions of the input (the Hub's third positional argument).
             logits_positions: optional bool [B, L]: the LM head runs only there and ``logits`` is [N, V] in the
                 order of ``logits_positions.nonzero()`` (``full_logits[logits_positions]``), **unshifted** (the
                 row for position i predicts token i + 1; `nara_diffusion.text.objectives.logits_at` applies the
@@ -388,30 +453,52 @@ class DreamModel(DreamPreTrainedModel):
             output_hidden_states: also return the input of every layer and the final normalised hidden state.
             return_dict: return a `MaskedLMOutput` (default) or a tuple.
             num_logits_to_keep: the Hub's argument: > 0 keeps the logits of the last that many positions only.
-            **kwargs: ``labels`` and other trainer keywords are accepted and ignored (``labels`` with a warning: no
-                loss is computed here); ``use_cache`` is ignored (Dream's diffusion uses no cache);
-                ``past_key_values`` and ``output_attentions`` raise.
+            cache: a `KVCache` [B, …, T_c, …] from an earlier call with ``use_cache=True`` (inference only; Fast-dLLM's
+                caches). ``input_ids`` [B, n] are then positions ``query_start … query_start+n-1`` of the sequence,
+                and they attend to the cached K/V before ``query_start``, to their own fresh K/V and to the cached K/V
+                after ``query_start + n``: the cache either ends at ``query_start`` (prefix cache) or covers the input
+                (dual cache). ``logits_positions`` then covers the input [B, n]; the logits stay unshifted (row i of
+                the input predicts token i + 1, so a caller that needs the prediction of position ``query_start``
+                starts the input one position earlier). With fresh K/V (those a full forward of the same sequence
+                computes) the result equals the full forward's at these positions up to float32 rounding; Dream
+                attends both ways, so K/V cached before the other positions changed are an approximation.
+            use_cache: also return ``cache``, the K/V of every position (cached ones included). Ignored while
+                training with gradients (a trainer's ``use_cache=True`` changes nothing).
+            query_start: first position of the input when ``cache`` is given; default: the cache's length.
+            **kwargs: ``past_key_values`` is read as ``cache`` when it is a `KVCache` (other cache objects raise);
+                ``labels`` and other trainer keywords are accepted and ignored (``labels`` with a warning: no loss is
+                computed here); ``output_attentions`` raises.
 
         Returns:
-            `MaskedLMOutput` with ``logits`` [B, L, V] (or [N, V]) and ``hidden_states``.
+            `DreamOutput` with ``logits`` [B, n, V] (or [N, V]), ``hidden_states`` and, with ``use_cache``, ``cache``.
         """
-        for name in ("past_key_values", "output_attentions"):
-            if kwargs.get(name) not in (None, False):
-                raise ValueError(f"Dream (nara_diffusion) does not support `{name}`.")
+        past = kwargs.get("past_key_values")
+        if past is not None:
+            if cache is not None or not isinstance(past, KVCache):
+                raise ValueError(
+                    "Dream (nara_diffusion) takes its K/V cache as cache= (a KVCache from use_cache=True); "
+                    f"past_key_values={type(past).__name__} is not supported."
+                )
+            cache = past
+        if kwargs.get("output_attentions") not in (None, False):
+            raise ValueError("Dream (nara_diffusion) does not support `output_attentions`.")
         if kwargs.get("labels") is not None:
             warnings.warn("DreamModel computes no loss: `labels` is ignored.", UserWarning, stacklevel=2)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else bool(self.config.output_hidden_states)
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden, all_hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
+        use_cache = bool(use_cache) and not (self.training and torch.is_grad_enabled())
+        hidden, all_hidden, new_cache = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, cache, use_cache, query_start
+        )
         if logits_positions is not None:
             if logits_positions.dtype != torch.bool or logits_positions.shape != hidden.shape[:2]:
                 raise ValueError(f"logits_positions must be a bool tensor of shape {tuple(hidden.shape[:2])}.")
             hidden = hidden[logits_positions]  # [N, hidden]
         elif num_logits_to_keep > 0:
             hidden = hidden[:, -num_logits_to_keep:]
-        output = MaskedLMOutput(logits=self.lm_head(hidden), hidden_states=all_hidden)
+        output = DreamOutput(logits=self.lm_head(hidden), hidden_states=all_hidden, cache=new_cache)
         return output if return_dict else output.to_tuple()
 
 

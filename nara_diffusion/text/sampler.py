@@ -33,8 +33,8 @@ tokens are those of Dream's Hub ``_sample``, with these differences by design: t
 (Dream's can commit it, leaving the position masked), ties in confidence go to the lower position, a prompt may not
 hold mask tokens (Dream would fill them in), confidences are computed in float32 (Dream's in the model's dtype, bf16
 for the 7B, so a bf16 model can differ where two confidences round together), and the random streams of sampling
-(temperature > 0, ``alg_temp`` > 0) are this module's. The K/V cache is native LLaDA's only; threshold decoding
-applies to the probability-like confidences (``low_confidence``, ``random``, ``maskgit_plus``, ``topk_margin``). A
+(temperature > 0, ``alg_temp`` > 0) are this module's. Threshold decoding applies to the probability-like confidences
+(``low_confidence``, ``random``, ``maskgit_plus``, ``topk_margin``), and the K/V cache (below) to Dream too. A
 NaRA adapter on Dream gets λ as on LLaDA: by default the masked fraction of the generation region, per example and
 step (``noise_rule="generation"``, below).
 
@@ -44,13 +44,20 @@ adapters are named ``noise_bin_1 … noise_bin_K`` is the noise-bin baseline: be
 from the exact fraction in integers (`nara_diffusion.text.noise_bins.noise_bin`), so λ = 3/5 with K = 5 is bin 3.
 
 Fast decoding (Fast-dLLM, Wu et al. 2025): ``threshold`` (above) and ``cache=`` — ``"prefix"`` or ``"dual"`` — for
-models that take a K/V cache (native LLaDA, bare or adapted). At a block's first step the forward runs the whole canvas
-and returns the K/V of every position; the block's later steps reuse them: ``"prefix"`` keeps those of the prompt and
-the finished blocks and runs the current block and everything after it, ``"dual"`` keeps the suffix after the block
-too and runs the current block only. LLaDA attends both ways, so the reused K/V are an approximation (they do not see
-the tokens committed since the block began), refreshed at every block boundary; a NaRA model's cached K/V were computed
-at the λ of the block's first step, while the positions that run get the λ of the current step (per example, from the
-canvas, as without a cache). ``cache=None`` is the exact reverse process.
+models that take a K/V cache (native LLaDA and Dream, bare or adapted). At a block's first step the forward runs the
+whole canvas and returns the K/V of every position; the block's later steps reuse them: ``"prefix"`` keeps those of the
+prompt and the finished blocks and runs the current block and everything after it, ``"dual"`` keeps the suffix after
+the block too and runs the current block only. Both models attend both ways, so the reused K/V are an approximation
+(they do not see the tokens committed since the block began), refreshed at every block boundary; a NaRA model's cached
+K/V were computed at the λ of the block's first step, while the positions that run get the λ of the current step (per
+example, from the canvas, as without a cache). ``cache=None`` is the exact reverse process. With Dream's shift the
+later steps run one column more: the window starts at the column before the block (the prompt's or the previous
+block's last token), whose output predicts the block's first position, and the prefix cache ends there (that column's
+K/V are recomputed with the window's). Fast-dLLM's Dream code starts the window at the block and shifts inside it, so
+the block's first position reads its own output; that is harmless there only because its block's first step always
+commits that position, whatever its confidence. Here every step, the first included, commits by the chosen plan and
+algorithm as without a cache (Dream's timesteps and ``alg``, or the threshold), so the first position may still be
+masked at later steps and must be read from the row before it.
 
 Tokens do not depend on the batch: a left-padded prompt is computed as if alone (native LLaDA gives each row its own
 positions and attends over its real keys only, `nara_diffusion.text.llada`), a NaRA core does not depend on the other
@@ -82,7 +89,7 @@ import torch
 from torch import nn
 
 from .denoiser import Denoiser, MaskRatio, memoize_cores, supports_kv_cache
-from .kv_cache import LLaDACache
+from .kv_cache import KVCache
 from .masking import uniform
 from .model_info import model_device, model_family, resolve_mask_token_id, unwrap_parallel
 from .token_ids import check_special_ids, check_token_ids, model_vocab_size, token_ids_checked
@@ -300,28 +307,30 @@ def _step(
     banned: Optional[torch.Tensor],
     suppress: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
-    kv: Optional[LLaDACache] = None,
-) -> Optional[LLaDACache]:
+    kv: Optional[KVCache] = None,
+) -> Optional[KVCache]:
     """One reverse step on every active row: forward, propose, commit in place.
 
     Without a cache, or at a block's first step (``kv`` None), the forward runs the whole canvas; with ``s.cache``
-    it also returns the K/V to reuse for the block's later steps (prefix: cut to the columns before the block).
-    Those steps run the block and everything after it (prefix) or the block alone (dual) against ``kv``, which is
-    returned unchanged. ``step``: how many to commit (or, for ``"origin"``, with which probability); None under a
-    threshold."""
+    it also returns the K/V to reuse for the block's later steps (prefix: cut to the columns before the window).
+    Those steps run the window — the block and everything after it (prefix) or the block alone (dual), starting
+    ``shift`` columns earlier for a shifted family, whose output there predicts the block's first position — against
+    ``kv``, which is returned unchanged. ``step``: how many to commit (or, for ``"origin"``, with which probability);
+    None under a threshold."""
     start, end = block
     ids, attn, noise = _model_inputs(canvas, s, block, denoise.needs_noise_level)
+    first = start - denoise.logits_shift  # the window's first column (the prompt is never empty: first >= 0)
     if kv is None:
         positions = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         positions[:, start:end] = True
         logits, kv = denoise.cached(ids, positions, noise, attn, use_cache=s.cache is not None)
         if kv is not None and s.cache == "prefix":
-            kv = kv.crop(start)
+            kv = kv.crop(first)
     else:
-        window = ids[:, start : ids.shape[1] if s.cache == "prefix" else end]
+        window = ids[:, first : ids.shape[1] if s.cache == "prefix" else end]
         positions = torch.zeros(window.shape, dtype=torch.bool, device=ids.device)
-        positions[:, : end - start] = True
-        logits, _ = denoise.cached(window, positions, noise, attn, cache=kv, query_start=start)
+        positions[:, start - first : end - first] = True
+        logits, _ = denoise.cached(window, positions, noise, attn, cache=kv, query_start=first)
     logits = logits.view(ids.shape[0], end - start, -1).float()
     if canvas.uncond_prompt is not None:
         cond, uncond = logits.chunk(2)
@@ -429,9 +438,11 @@ def generate(
             ``steps`` only has to pass validation.
         cache: Block-wise K/V cache (Fast-dLLM): None (exact), ``"prefix"`` (the prompt's and finished blocks' K/V
             computed at each block's first step and reused by its later steps) or ``"dual"`` (the suffix's too). An
-            approximation refreshed at each block boundary, since LLaDA is bidirectional; a NaRA model's cached K/V
-            are those of the λ at the block's first step (see the module docstring). Needs a model that takes a
-            cache (native LLaDA). ``cache="dual", threshold=0.9`` is Fast-dLLM's fast setting.
+            approximation refreshed at each block boundary, since LLaDA and Dream are bidirectional; a NaRA model's
+            cached K/V are those of the λ at the block's first step (see the module docstring). Needs a model that
+            takes a cache (native LLaDA or Dream; Dream's later steps also run the column before the block).
+            ``cache="dual", threshold=0.9`` is Fast-dLLM's fast setting (Dream: with a ``block_length`` and
+            ``remasking="maskgit_plus"``, whose confidence is a probability).
         suppress_tokens: Token ids whose proposals are ranked last (LLaDA's EOS/EoT confidence suppression).
         banned_tokens: Token ids never proposed (logits set to −∞; LLaDA's ``logits_eos_inf``). The mask token is
             never proposed either: committed, it would stay masked and the block would not fill (a trained LLaDA
@@ -503,8 +514,8 @@ def generate(
     )
     if settings.cache is not None and not denoise.kv_cache:
         raise ValueError(
-            f"cache={settings.cache!r} needs a model that takes and returns a K/V cache (the native LLaDA of "
-            f"nara_diffusion.text.llada, bare or with adapters); {type(unwrap_parallel(model)).__name__} does not. "
+            f"cache={settings.cache!r} needs a model that takes and returns a K/V cache (the native LLaDA or Dream "
+            f"of nara_diffusion.text, bare or with adapters); {type(unwrap_parallel(model)).__name__} does not. "
             "Use cache=None."
         )
     if settings.remasking == "origin" and len(suppress_tokens):
@@ -522,7 +533,7 @@ def generate(
     with denoise, token_ids_checked():
         for b in range(settings.num_blocks):
             block = (settings.width + b * settings.block_length, settings.width + (b + 1) * settings.block_length)
-            kv: Optional[LLaDACache] = None  # filled at the block's first step when caching
+            kv: Optional[KVCache] = None  # filled at the block's first step when caching
             for step in _block_steps(settings, canvas, block):
                 kv = _step(canvas, denoise, settings, block, step, banned, suppress, generator, kv)
             if settings.till_eos and _end_block(canvas, settings, block):
