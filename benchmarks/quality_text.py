@@ -7,7 +7,8 @@ differences against peft's LoRA, and the loss on answer tokens by noise level (t
     python benchmarks/quality_text.py --methods "LoRA (peft),NaRA" --tasks dif
 
 Protocol, per task and method: train with seed 0 at each learning rate of the method's grid, keep the rate with the
-best exact-answer accuracy on the task's 200 validation problems (ties: the smaller rate), then train seeds 1–4 at it.
+best exact-answer accuracy on the task's 200 validation problems (ties: the smaller rate; a best rate at an edge of
+the grid extends it one step past that edge, at most twice), then train seeds 1–4 at it.
 Every run is scored on the same 500 test problems (greedy noise-aware sampler at the answer length the adapter was
 trained for: one block, one token per step). The table gives mean ± sample std and a 95% t-interval over the five
 seeds, and the paired difference to LoRA with a bootstrap interval over seeds and test problems (`_stats`). The base
@@ -58,9 +59,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "LIFT + NaRA": {"adapter": "nara", "r": 8, "objective": "lift"},
     "DiffoRA-placed NaRA": {"adapter": "nara", "r": 12, "select": "diffora", "sample_rate": 0.5},
 }
-#: Learning-rate grids: adapters, and full fine-tuning (all 0.88M weights move, so smaller steps).
-ADAPTER_RATES, FULL_RATES = (2e-3, 5e-3, 1e-2), (1e-4, 3e-4, 1e-3)
+#: Learning-rate grids: adapters, and full fine-tuning (all 0.88M weights move, so smaller steps). Each grid was
+#: widened by one rate after the first sweep chose a rate at its edge (2e-3 for some adapters, 1e-3 for full FT).
+ADAPTER_RATES, FULL_RATES = (1e-3, 2e-3, 5e-3, 1e-2), (1e-4, 3e-4, 1e-3, 3e-3)
 SEEDS = (0, 1, 2, 3, 4)
+#: A sweep whose best rate lies at an edge of its grid is extended past that edge (one geometric step further) and
+#: re-chosen, at most this many times, so the chosen rate is an interior one or the table says "(edge)".
+MAX_EXTENSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def quick_budget(tasks: tuple[str, ...]) -> Budget:
 
 def rates(label: str, quick: bool) -> tuple[float, ...]:
     grid = FULL_RATES if METHODS[label]["adapter"] == "full" else ADAPTER_RATES
-    return grid[1:] if quick else grid
+    return grid[-2:] if quick else grid
 
 
 def _slug(label: str) -> str:
@@ -259,21 +264,27 @@ def base_record(task: str, budget: Budget, out: Path) -> dict[str, Any]:
 
 # -- the protocol ---------------------------------------------------------------------------------------------------
 def run_protocol(labels: list[str], budget: Budget, out: Path, work: Path, jobs: int, quick: bool) -> dict:
-    """Sweep, then seeds, for every task × method; returns ``{task: {label: [records at the chosen rate]}}``."""
+    """Sweep (extended past an edge that wins, `MAX_EXTENSIONS`), then seeds, for every task × method; returns
+    ``{task: {label: [records at the chosen rate]}, "_sweeps": {"task|label": [seed-0 records by rate]}}``."""
     from tqdm.auto import tqdm
 
-    sweep = [(t, m, lr, budget.seeds[0]) for t in budget.tasks for m in labels for lr in rates(m, quick)]
+    seed0 = budget.seeds[0]
+    grids = {(t, m): list(rates(m, quick)) for t in budget.tasks for m in labels}
+    sweep = [(t, m, lr, seed0) for (t, m), grid in grids.items() for lr in grid]
     total = len(sweep) + len(budget.tasks) * len(labels) * (len(budget.seeds) - 1)
     bar = tqdm(total=total, desc="runs", unit="run")
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         bases = [pool.submit(base_record, t, budget, out) for t in budget.tasks]
         swept = _gather(pool, sweep, budget, out, work, bar)
-        chosen = {
-            (t, m): _choose([swept[(t, m, lr, budget.seeds[0])] for lr in rates(m, quick)])
-            for t in budget.tasks
-            for m in labels
-        }
+        for _ in range(0 if quick else MAX_EXTENSIONS):
+            more = [(t, m, lr, seed0) for (t, m), grid in grids.items() if (lr := _extend(grid, swept, t, m, seed0))]
+            if not more:
+                break
+            bar.total += len(more)
+            bar.refresh()
+            swept.update(_gather(pool, more, budget, out, work, bar))
+        chosen = {(t, m): _choose([swept[(t, m, lr, seed0)] for lr in grid]) for (t, m), grid in grids.items()}
         rest = [(t, m, chosen[(t, m)], s) for t in budget.tasks for m in labels for s in budget.seeds[1:]]
         done = {**swept, **_gather(pool, rest, budget, out, work, bar)}
         for b in bases:
@@ -282,10 +293,23 @@ def run_protocol(labels: list[str], budget: Budget, out: Path, work: Path, jobs:
     results: dict[str, Any] = {
         t: {m: [done[(t, m, chosen[(t, m)], s)] for s in budget.seeds] for m in labels} for t in budget.tasks
     }
-    results["_sweeps"] = {
-        f"{t}|{m}": [swept[(t, m, lr, budget.seeds[0])] for lr in rates(m, quick)] for t in budget.tasks for m in labels
-    }
+    results["_sweeps"] = {f"{t}|{m}": [swept[(t, m, lr, seed0)] for lr in grid] for (t, m), grid in grids.items()}
     return results
+
+
+def _extend(grid: list[float], swept: dict, task: str, label: str, seed: int) -> Optional[float]:
+    """If the best rate of ``grid`` (ascending) is at an edge, add the next rate past it (the grid's geometric step
+    there, one significant digit) to ``grid`` and return it; else None."""
+    best = _choose([swept[(task, label, lr, seed)] for lr in grid])
+    if len(grid) < 2 or best not in (grid[0], grid[-1]):
+        return None
+    lower = best == grid[0]
+    rate = float(f"{(grid[0] ** 2 / grid[1]) if lower else (grid[-1] ** 2 / grid[-2]):.1g}")
+    if lower:
+        grid.insert(0, rate)
+    else:
+        grid.append(rate)
+    return rate
 
 
 def _gather(pool: Any, keys: list[tuple], budget: Budget, out: Path, work: Path, bar: Any) -> dict[tuple, dict]:
@@ -333,6 +357,8 @@ def tables(results: dict, budget: Budget, out: Path) -> str:
                 f"{100 * r['validation_accuracy']:.0f}{'**' if r['learning_rate'] == chosen else ''}"
                 for r in sweep
             )
+            if chosen in (sweep[0]["learning_rate"], sweep[-1]["learning_rate"]):
+                grid += " (edge)"  # the best rate may lie outside the grid
             diff = "–"
             if ref and label != REFERENCE:
                 diff = _stats.paired_bootstrap([_bits(r["test_correct"]) for r in records], ref).pct()

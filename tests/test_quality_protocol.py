@@ -115,3 +115,19 @@ def test_paired_bootstrap_interval_has_the_width_of_the_analytic_one():
     assert d.diff == pytest.approx(float((a - b).mean()))
     assert (d.high - d.low) == pytest.approx(2 * 1.96 * se, rel=0.15)  # bootstrap noise at 2000 resamples: a few %
     assert d.low < 0.1 < d.high
+
+
+def test_a_sweep_won_at_its_edge_is_extended_past_it():
+    import quality_text
+
+    def swept(accuracies: dict[float, float]) -> dict:
+        return {("t", "m", lr, 0): {"learning_rate": lr, "validation_accuracy": a} for lr, a in accuracies.items()}
+
+    grid = [1e-3, 2e-3, 5e-3]
+    assert quality_text._extend(grid, swept({1e-3: 0.1, 2e-3: 0.3, 5e-3: 0.2}), "t", "m", 0) is None
+    assert grid == [1e-3, 2e-3, 5e-3]  # an interior winner leaves the grid alone
+    assert quality_text._extend(grid, swept({1e-3: 0.4, 2e-3: 0.3, 5e-3: 0.2}), "t", "m", 0) == 5e-4
+    assert grid == [5e-4, 1e-3, 2e-3, 5e-3]  # one geometric step (×½) below the winning bottom edge
+    top = [1e-4, 3e-4, 1e-3]
+    assert quality_text._extend(top, swept({1e-4: 0.0, 3e-4: 0.1, 1e-3: 0.2}), "t", "m", 0) == 3e-3
+    assert top[-1] == 3e-3
