@@ -8,11 +8,12 @@ differences against peft's LoRA, and the loss on answer tokens by noise level (t
 
 Protocol, per task and method: train with seed 0 at each learning rate of the method's grid, keep the rate with the
 best exact-answer accuracy on the task's 200 validation problems (ties: the smaller rate; a best rate at an edge of
-the grid extends it one step past that edge, at most twice), then train seeds 1–4 at it.
-Every run is scored on the same 500 test problems (greedy noise-aware sampler at the answer length the adapter was
-trained for: one block, one token per step). The table gives mean ± sample std and a 95% t-interval over the five
-seeds, and the paired difference to LoRA with a bootstrap interval over seeds and test problems (`_stats`). The base
-model's answer-token loss and each profiled method's gain over it at t = 0.1 … 1.0 (same masks for all) go to a plot.
+the grid extends it one step past that edge, at most twice), then train seeds 1–4 at it. The five runs at the chosen
+rate are scored on the same 500 test problems, the others on validation only (greedy noise-aware sampler at the answer
+length the adapter was trained for: one block, one token per step). The table gives mean ± sample std and a 95%
+t-interval over the five seeds, and the paired difference to LoRA with a bootstrap interval over seeds and test
+problems (`_stats`). The base model's answer-token loss and each profiled method's gain over it at t = 0.1 … 1.0
+(same masks for all) go to a plot.
 
 The training data of a task are fixed (``toy.train_records([task], toy.BENCHMARK_TRAIN_SIZE[task], seed=0)``); the
 seed changes the adapter's initialisation, the batch order and the masks. Results:
@@ -101,22 +102,31 @@ def _slug(label: str) -> str:
 
 
 # -- one run (in a worker process) ----------------------------------------------------------------------------------
-def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Path, work: Path) -> dict[str, Any]:
-    """Train one method once and score it on the validation and test problems; cached as JSON under ``out``."""
+def run_one(
+    task: str, label: str, lr: float, seed: int, budget: Budget, out: Path, work: Path, final: bool = True
+) -> dict[str, Any]:
+    """Train one method once and score it on the validation problems, and (``final``) on the test problems, with the
+    loss profiles of `PROFILED` methods; cached as JSON under ``out``. A sweep run (not ``final``) keeps its trained
+    model under ``work`` until the protocol knows whether its rate was chosen; ``final`` on a kept run scores it."""
     from nara_diffusion.toy import text as toy
 
     path = out / "quality_text_runs" / task / _slug(label) / f"lr{lr:g}-seed{seed}.json"
     n_train = budget.n_train or toy.BENCHMARK_TRAIN_SIZE[task]
     settings = {k: v for k, v in vars(budget).items() if k not in ("tasks", "seeds")} | {"n_train": n_train}
+    run_dir = _run_dir(work, task, label, lr, seed)
     if path.is_file():
-        return _cached(path, settings)
+        record = _cached(path, settings)
+        if not final or "test_accuracy" in record:
+            return record
+        if (run_dir / "run" / "final").is_dir():
+            return _finish(record, path, run_dir, task, label, budget)
     os.environ["TQDM_DISABLE"] = "1"  # a worker process: only the parent's bar over the runs
     import torch
 
     from nara_diffusion.text import FinetuneConfig, run_finetune
 
     torch.set_num_threads(1)
-    run_dir = work / task / _slug(label) / f"lr{lr:g}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run killed half-way leaves a partial folder
     run_dir.mkdir(parents=True, exist_ok=True)
     train_file = run_dir / "train.json"
     train_file.write_text(json.dumps(toy.train_records([task], n_train, seed=0)))
@@ -138,6 +148,7 @@ def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Pa
     result = run_finetune(config)
     minutes = (time.time() - start) / 60
     model, tokenizer = _load(result.final_dir, METHODS[label]["adapter"])
+    scored = score(model, tokenizer, toy.validation_records(task, budget.n_val), budget)
     record: dict[str, Any] = {
         "task": task,
         "method": label,
@@ -146,23 +157,48 @@ def run_one(task: str, label: str, lr: float, seed: int, budget: Budget, out: Pa
         "trainable_parameters": trainable_parameters(result.final_dir),
         "train_minutes": round(minutes, 2),
         "budget": settings,
+        "validation_accuracy": scored.accuracy,
+        "validation_correct": "".join("1" if r["correct"] else "0" for r in scored.records),
     }
-    for split, records in (
-        ("validation", toy.validation_records(task, budget.n_val)),
-        ("test", toy.test_records(task, budget.n_test)),
-    ):
-        scored = score(model, tokenizer, records, budget)
-        record[f"{split}_accuracy"] = scored.accuracy
-        record[f"{split}_correct"] = "".join("1" if r["correct"] else "0" for r in scored.records)
+    if not final:
+        _write(path, record)
+        return record
+    return _finish(record, path, run_dir, task, label, budget, (model, tokenizer))
+
+
+def _run_dir(work: Path, task: str, label: str, lr: float, seed: int) -> Path:
+    return work / task / _slug(label) / f"lr{lr:g}-seed{seed}"
+
+
+def _finish(
+    record: dict[str, Any],
+    path: Path,
+    run_dir: Path,
+    task: str,
+    label: str,
+    budget: Budget,
+    loaded: Optional[tuple[Any, Any]] = None,
+) -> dict[str, Any]:
+    """Score a trained run on the test problems (and profile it), write its record, delete the trained model."""
+    from nara_diffusion.toy import text as toy
+
+    model, tokenizer = loaded or _load(run_dir / "run" / "final", METHODS[label]["adapter"])
+    scored = score(model, tokenizer, toy.test_records(task, budget.n_test), budget)
+    record = {**record, "test_accuracy": scored.accuracy}
+    record["test_correct"] = "".join("1" if r["correct"] else "0" for r in scored.records)
     if label in PROFILED:
         record["profile_answer"] = profile(model, tokenizer, task, budget, "answer")
         record["profile_all"] = profile(model, tokenizer, task, budget, "all")
+    _write(path, record)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return record
 
 
 def _cached(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -271,24 +307,29 @@ def run_protocol(labels: list[str], budget: Budget, out: Path, work: Path, jobs:
     seed0 = budget.seeds[0]
     grids = {(t, m): list(rates(m, quick)) for t in budget.tasks for m in labels}
     sweep = [(t, m, lr, seed0) for (t, m), grid in grids.items() for lr in grid]
-    total = len(sweep) + len(budget.tasks) * len(labels) * (len(budget.seeds) - 1)
+    total = len(sweep) + len(budget.tasks) * len(labels) * len(budget.seeds)  # the chosen sweep runs' test: 1 each
     bar = tqdm(total=total, desc="runs", unit="run")
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         bases = [pool.submit(base_record, t, budget, out) for t in budget.tasks]
-        swept = _gather(pool, sweep, budget, out, work, bar)
+        swept = _gather(pool, sweep, budget, out, work, bar, final=False)
         for _ in range(0 if quick else MAX_EXTENSIONS):
             more = [(t, m, lr, seed0) for (t, m), grid in grids.items() if (lr := _extend(grid, swept, t, m, seed0))]
             if not more:
                 break
             bar.total += len(more)
             bar.refresh()
-            swept.update(_gather(pool, more, budget, out, work, bar))
+            swept.update(_gather(pool, more, budget, out, work, bar, final=False))
         chosen = {(t, m): _choose([swept[(t, m, lr, seed0)] for lr in grid]) for (t, m), grid in grids.items()}
-        rest = [(t, m, chosen[(t, m)], s) for t in budget.tasks for m in labels for s in budget.seeds[1:]]
+        # the chosen sweep runs are scored on the test problems (from their kept models); the others never are
+        rest = [(t, m, chosen[(t, m)], s) for t in budget.tasks for m in labels for s in budget.seeds]
         done = {**swept, **_gather(pool, rest, budget, out, work, bar)}
         for b in bases:
             b.result()
+    for (t, m), grid in grids.items():
+        for lr in grid:
+            if lr != chosen[(t, m)]:
+                shutil.rmtree(_run_dir(work, t, m, lr, seed0), ignore_errors=True)
     bar.close()
     results: dict[str, Any] = {
         t: {m: [done[(t, m, chosen[(t, m)], s)] for s in budget.seeds] for m in labels} for t in budget.tasks
@@ -312,13 +353,17 @@ def _extend(grid: list[float], swept: dict, task: str, label: str, seed: int) ->
     return rate
 
 
-def _gather(pool: Any, keys: list[tuple], budget: Budget, out: Path, work: Path, bar: Any) -> dict[tuple, dict]:
-    futures = {pool.submit(run_one, *key, budget, out, work): key for key in keys}
+def _gather(
+    pool: Any, keys: list[tuple], budget: Budget, out: Path, work: Path, bar: Any, final: bool = True
+) -> dict[tuple, dict]:
+    futures = {pool.submit(run_one, *key, budget, out, work, final): key for key in keys}
     results = {}
+    split = "test" if final else "validation"
     for future in cf.as_completed(futures):
         key = futures[future]
         results[key] = future.result()
-        bar.set_postfix_str(f"{key[0]} {key[1]} lr {key[2]:g} seed {key[3]}: {results[key]['test_accuracy']:.1%}")
+        accuracy = results[key][f"{split}_accuracy"]
+        bar.set_postfix_str(f"{key[0]} {key[1]} lr {key[2]:g} seed {key[3]}: {split} {accuracy:.1%}")
         bar.update()
     return results
 
