@@ -5,7 +5,8 @@ Each method fine-tunes ``examples/sdxl_dreambooth/toy`` on the five photos of th
 unless ``--no_prior_preservation``), once per training seed, and is scored on images generated with fixed sampling
 seeds (``--eval_seeds``, 20 Euler steps, guidance 5):
 
-- subject fidelity: `subject_similarity` of each "a photo of sks toy" image to the instance photos;
+- subject fidelity: `subject_similarity` of each "a photo of sks toy" image to the instance photos, and the share of
+  those images that score above every hand-drawn ball that is not the subject (`non_subject_ceiling`);
 - prompt fidelity: for "a photo of sks toy on a {green,yellow} background", the share of each image's border frame
   in the named colour (`prompt_fidelity`), and the subject similarity of those same images.
 
@@ -14,9 +15,11 @@ LoRA runs twice: at NaRA's rank (4) and at the rank whose trainable-parameter co
 seeds (each seed's score is its mean over the sampled images); per comparison with LoRA: the paired difference with
 a 95% bootstrap interval resampling training seeds and sampled images (`benchmarks/_stats.py`).
 
-Every finished (method, seed) run is cached as JSON (+ its seed-0 pictures) under
-``<output_dir>/quality_image_runs[_no_prior]/``, keyed by its settings: re-running skips finished runs, and a
-changed setting or toy pipeline reruns them; runs with disjoint ``--seeds`` may go in parallel, and a last run with
+Every finished (method, seed) run is cached under ``<output_dir>/quality_image_runs[_no_prior]/`` as JSON (its
+settings and time) and ``pictures.png``, every picture it generated (a row per prompt, a column per sampling seed),
+keyed by its settings: re-running skips finished runs, and a changed setting or toy pipeline reruns them. The scores
+are computed from the cached pictures each time the tables are written, so a changed metric re-scores without
+retraining; runs with disjoint ``--seeds`` may go in parallel, and a last run with
 all seeds then only collects them. ``--quick`` is a smoke test (2 updates, 2 sampling steps, one seed).
 Writes ``quality_image[_no_prior].md`` (the tables) and ``quality_image_grid[_no_prior].png`` to ``--output_dir``.
 
@@ -50,16 +53,23 @@ from nara_diffusion.toy.dreambooth import (
     ToyScores,
     labelled_grid,
     run_toy_dreambooth,
+    score_pictures,
     score_toy_subject,
     toy_dreambooth_defaults,
 )
-from nara_diffusion.toy.image import load_reference_images
+from nara_diffusion.toy.image import Scene, draw_scene, load_reference_images, subject_similarity
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sdxl_dreambooth"
 RANK = 4
-METRICS = {"subject": "subject fidelity", "context_prompt": "prompt fidelity (background)",
-           "context_subject": "subject fidelity on other backgrounds"}  # fmt: skip
+METRICS = {
+    "subject": "subject fidelity",
+    "shown": "pictures past every non-subject",
+    "context_prompt": "prompt fidelity (background)",
+    "context_subject": "subject fidelity on other backgrounds",
+}
 QUICK = {"max_steps": 2, "num_inference_steps": 2, "num_class_images": 2, "sample_batch_size": 2}
+#: Version of what a cached run holds (2: every picture, no scores); an older cache is rerun.
+CACHE_FORMAT = 2
 
 
 class Method(NamedTuple):
@@ -108,30 +118,59 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_run(cache: Path, name: str, settings: dict[str, Any], compute) -> tuple[dict, list[Image.Image]]:
-    """``compute()`` → (record, pictures), or the cached result of the same ``settings`` under ``cache/name``."""
+def picture_sheet(scores: ToyScores) -> Image.Image:
+    """Every picture of ``scores`` in one image: a row per prompt (instance prompt first), a column per seed."""
+    n, context = len(scores.instance_images), scores.context_images
+    rows = [scores.instance_images, *(context[k : k + n] for k in range(0, len(context), n))]
+    size = scores.instance_images[0].width
+    sheet = Image.new("RGB", (size * len(rows[0]), size * len(rows)))
+    for i, row in enumerate(rows):
+        for j, picture in enumerate(row):
+            sheet.paste(picture.convert("RGB"), (j * size, i * size))
+    return sheet
+
+
+def non_subject_ceiling(references: list) -> float:
+    """The higher `subject_similarity` of two hand-drawn balls that are not the subject: a plain red one (its red
+    without white) and a blue-and-white striped one (stripes of the wrong colour)."""
+    plain = Scene("circle", "red", "green", 16, 16, 9)
+    other = Scene("circle", "blue", "green", 16, 16, 9, band=5)
+    return max(subject_similarity([draw_scene(s)], references) for s in (plain, other))
+
+
+def sheet_scores(sheet: Image.Image, references: list, size: int) -> ToyScores:
+    """`picture_sheet`'s pictures (``size`` px each) scored again (`score_pictures`), with ``per_image["shown"]``:
+    1 for each instance-prompt picture whose subject similarity passes `non_subject_ceiling`, else 0."""
+    tiles = [[sheet.crop((j * size, i * size, (j + 1) * size, (i + 1) * size)) for j in range(sheet.width // size)]
+             for i in range(sheet.height // size)]  # fmt: skip
+    scores = score_pictures(tiles[0], [t for row in tiles[1:] for t in row], references)
+    ceiling = non_subject_ceiling(references)
+    scores.per_image["shown"] = [float(v > ceiling) for v in scores.per_image["subject"]]
+    return scores
+
+
+def cached_run(cache: Path, name: str, settings: dict[str, Any], compute) -> tuple[dict, Image.Image]:
+    """``compute()`` → (record, picture sheet), or the cached result of the same ``settings`` under ``cache/name``."""
     folder = cache / name
     key = settings_key(settings)
     record_path = folder / "record.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("settings_key") == key:
-            pictures = [Image.open(p).convert("RGB") for p in sorted(folder.glob("picture-*.png"))]
-            return record, pictures
-    record, pictures = compute()
+            return record, Image.open(folder / "pictures.png").convert("RGB")
+    record, sheet = compute()
     record = {**record, "settings_key": key, "settings": settings}
 
     def write(tmp: Path) -> None:
         (tmp / "record.json").write_text(json.dumps(record, indent=1))
-        for i, picture in enumerate(pictures):
-            picture.save(tmp / f"picture-{i}.png")
+        sheet.save(tmp / "pictures.png")
 
     try:
         write_atomically(folder, write)
     except OSError:  # a parallel run wrote the same record (the base model's) at the same moment
         if json.loads(record_path.read_text()).get("settings_key") != key:
             raise
-    return record, pictures
+    return record, sheet
 
 
 def grid_pictures(scores: ToyScores) -> list[Image.Image]:
@@ -171,24 +210,26 @@ def run(
     references = load_reference_images(EXAMPLE / "images")
     digest = pipeline_digest()
     score_kw = {"seeds": eval_seeds, "num_inference_steps": defaults["num_inference_steps"]}
-    shared = {"pipeline": digest, "eval_seeds": eval_seeds, **{k: v for k, v in defaults.items() if k != "output_dir"}}
+    shared = {"pipeline": digest, "eval_seeds": eval_seeds, "cache_format": CACHE_FORMAT,
+              **{k: v for k, v in defaults.items() if k != "output_dir"}}  # fmt: skip
     shared.pop("model"), shared.pop("instance_data_dir")
 
-    def score_base() -> tuple[dict, list[Image.Image]]:
+    def score_base() -> tuple[dict, Image.Image]:
         scores = score_toy_subject(load_base_pipeline(defaults["model"]), references, **score_kw)
-        return {"per_image": scores.per_image, "seconds": 0.0}, grid_pictures(scores)
+        return {"seconds": 0.0}, picture_sheet(scores)
 
-    base, base_pictures = cached_run(cache, "base", {**shared, "base": True}, score_base)
+    size = defaults["resolution"]
+    base = sheet_scores(cached_run(cache, "base", {**shared, "base": True}, score_base)[1], references, size)
     chosen = methods()
     jobs = [(m, params, s) for m, params in chosen for s in seeds]
     records: dict[str, list[dict]] = {m.key: [] for m, _ in chosen}
-    pictures: dict[str, list[Image.Image]] = {}
+    scored: dict[str, list[ToyScores]] = {m.key: [] for m, _ in chosen}
     bar = tqdm(jobs, desc="quality_image", unit="run", disable=not progress)
     for method, _params, seed in bar:
         bar.set_postfix_str(f"{method.name} seed {seed}")
         settings = {**shared, "adapter": method.adapter, "r": method.r, "seed": seed}
 
-        def train(method: Method = method, seed: int = seed) -> tuple[dict, list[Image.Image]]:
+        def train(method: Method = method, seed: int = seed) -> tuple[dict, Image.Image]:
             config = DreamBoothConfig(
                 **{**defaults, "adapter": method.adapter, "r": method.r, "seed": seed,
                    "output_dir": str(cache / "work" / f"{method.key}-s{seed}"),
@@ -199,43 +240,42 @@ def run(
             seconds = time.perf_counter() - start
             shutil.rmtree(config.output_dir, ignore_errors=True)  # the adapter folder: not a result
             logging.info("%s seed %d: %s (%.0f s)", method.name, seed, report.after, seconds)
-            return {"per_image": report.after.per_image, "seconds": seconds}, grid_pictures(report.after)
+            return {"seconds": seconds}, picture_sheet(report.after)
 
-        record, run_pictures = cached_run(cache, f"{method.key}-s{seed}", settings, train)
+        record, sheet = cached_run(cache, f"{method.key}-s{seed}", settings, train)
         records[method.key].append(record)
-        if seed == seeds[0]:
-            pictures[method.key] = run_pictures
+        scored[method.key].append(sheet_scores(sheet, references, size))
 
     for seed in seeds:  # this run's class images (a parallel run with other seeds keeps its own)
         shutil.rmtree(cache / "work" / f"class_images-s{seed}", ignore_errors=True)
 
-    def per_seed(record_list: list[dict], metric: str) -> list[float]:
-        return [float(np.mean(r["per_image"][metric])) for r in record_list]
+    def per_seed(key: str, metric: str) -> list[float]:
+        return [float(np.mean(s.per_image[metric])) for s in scored[key]]
 
     header = " | ".join(METRICS.values())
-    lines = [f"| method | rank | trainable params | {header} | s / run |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | rank | trainable params | {header} | s / run |", "|---" * (len(METRICS) + 4) + "|"]
     lines.append(
         "| base model (no fine-tuning) | – | 0 | "
-        + " | ".join(f"{np.mean(base['per_image'][m]):.3f}" for m in METRICS)
+        + " | ".join(f"{np.mean(base.per_image[m]):.3f}" for m in METRICS)
         + " | – |"
     )
     for method, params in chosen:
-        cells = [_fmt(_stats.summarize(per_seed(records[method.key], m))) for m in METRICS]
+        cells = [_fmt(_stats.summarize(per_seed(method.key, m))) for m in METRICS]
         seconds = np.mean([r["seconds"] for r in records[method.key]])
         lines.append(f"| {method.name} | {method.r} | {params:,} | {' | '.join(cells)} | {seconds:.0f} |")
     by_key = {m.key: m for m, _ in chosen}
     lora, matched = chosen[0][0], chosen[1][0]
-    lines += ["", f"| paired difference (95% bootstrap interval) | {header} |", "|---|---|---|---|"]
+    lines += ["", f"| paired difference (95% bootstrap interval) | {header} |", "|---" * (len(METRICS) + 1) + "|"]
     for a, b in (("nara-r4", lora.key), ("nara-r4", matched.key), ("nara-c-r4", lora.key)):
         cells = [
-            _fmt_diff(_stats.paired_bootstrap([r["per_image"][m] for r in records[a]],
-                                              [r["per_image"][m] for r in records[b]]))
+            _fmt_diff(_stats.paired_bootstrap([s.per_image[m] for s in scored[a]],
+                                              [s.per_image[m] for s in scored[b]]))
             for m in METRICS
         ]  # fmt: skip
         lines.append(f"| {by_key[a].name} − {by_key[b].name} | {' | '.join(cells)} |")
     table = "\n".join(lines) + "\n"
 
-    rows = [base_pictures, *(pictures[m.key] for m, _ in chosen)]
+    rows = [grid_pictures(base), *(grid_pictures(scored[m.key][0]) for m, _ in chosen)]
     row_titles = ["base model", *(f"{m.name}\n(training seed {seeds[0]})" for m, _ in chosen)]
     columns = [f"sks toy\nsample {eval_seeds[0]}", f"sks toy\nsample {eval_seeds[min(1, len(eval_seeds) - 1)]}"]
     columns += [f"on {c}\nsample {eval_seeds[0]}" for c in CONTEXT_BACKGROUNDS]
