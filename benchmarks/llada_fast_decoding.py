@@ -10,9 +10,9 @@ Parts (``--parts``, default all; ratios are measured side by side in one run, ro
 - ``cost``: NaRA / unmerged peft LoRA (rank 32 on q, k, v, attn_out) over a whole `generate`, with and without the
   dual cache: the small model of the issue (d_model 256, 4 blocks, prompt 32, gen 32, block 8, 32 steps), where
   the fixed per-step cost shows, and the reduced one (prompt 128, gen 32, block 32, 32 steps). NaRA twice: as one
-  call (C(λ) memoised within it; with one token per step every step has a new λ, so the hypernetwork still runs
-  once per step) and inside `memoize_cores`, as `generate_texts` and the lm-eval model run their batches (the λ grid
-  repeats from call to call, so the hypernetwork leaves the per-step path).
+  call (the cores of the λ grid k / gen_length computed in one hypernetwork run when the call starts) and inside
+  `memoize_cores`, as `generate_texts` and the lm-eval model run their batches (the grid is computed once, by the
+  first call).
 - ``toy``: the toy LLaDA with a trained NaRA adapter (``--adapter``, e.g. the embedded default run of
   ``examples/llada/finetune.py``) on its task's held-out problems, at the adapter's trained length (its
   ``sampling.json``): accuracy and wall time per problem for the plain, threshold, cached and combined samplers.
@@ -167,8 +167,8 @@ def part_cost(args: argparse.Namespace, device: torch.device) -> list[str]:
     header = ["model", "sampler", "peft LoRA (unmerged), ms", "NaRA, ms", "NaRA / LoRA", "NaRA in a loop, ms"]
     return [
         f"### Cost of NaRA per decoding step: whole greedy `generate`, batch 1, rank {args.rank} on "
-        f"{', '.join(L.TARGETS)}, A/B rounds in rotating order. NaRA memoises C(λ) within each call (one "
-        "hypernetwork run per distinct λ: here every step has a new λ); 'in a loop' also across calls, as "
+        f"{', '.join(L.TARGETS)}, A/B rounds in rotating order. NaRA computes the cores of its λ grid in one "
+        "hypernetwork run when each call starts; 'in a loop' once for all calls, as "
         "`generate_texts` and the lm-eval model do over their batches (`memoize_cores`)",
         "",
         T.markdown_table([*header, "in a loop / LoRA"], rows),

@@ -161,6 +161,8 @@ class NaRALinear(nn.Module, NaRALayer):
         self.update_layer(adapter_name, noise_adapter, config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Runs in every adapted layer at every step: each skipped no-op call (a `.to` to the same dtype, an Identity
+        # dropout module) is a few µs, which a small model's decoding step (a few ms over ~16 layers) notices.
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
@@ -168,15 +170,17 @@ class NaRALinear(nn.Module, NaRALayer):
         for name in self.active_adapters:
             if name not in self.nara_A:
                 continue
-            a, b = self.nara_A[name], self.nara_B[name]
-            h = a(self.nara_dropout[name](x.to(a.weight.dtype)))
+            a, b, dropout = self.nara_A[name], self.nara_B[name], self.nara_dropout[name]
+            h = x if x.dtype == a.weight.dtype else x.to(a.weight.dtype)
+            h = a(h if isinstance(dropout, nn.Identity) else dropout(h))
             core = self.noise_adapters[name].current_core
             if core is not None:
                 if core.dtype != h.dtype or core.device != h.device:  # CPU offload may keep the hypernet elsewhere
                     core = core.to(device=h.device, dtype=h.dtype)
                 h = apply_core(h, core)
-            result = result + b(h) * self.scaling[name]
-        return result.to(out_dtype)
+            scaling = self.scaling[name]
+            result = result + (b(h) if scaling == 1.0 else b(h) * scaling)  # × 1.0 is exact: skipping it is too
+        return result if result.dtype == out_dtype else result.to(out_dtype)
 
     def __repr__(self) -> str:
         return "nara." + super().__repr__()
