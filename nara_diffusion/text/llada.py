@@ -50,7 +50,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import logging
 
 from .auto_classes import register_model_type
-from .kv_cache import LLaDACache
+from .kv_cache import LLaDACache, check_cache_call
 from .token_ids import check_token_ids, token_ids_already_checked
 
 logger = logging.get_logger(__name__)
@@ -444,7 +444,15 @@ class LLaDAModel(nn.Module):
             x = x * (self.config.d_model**0.5)
         x = self.transformer["emb_drop"](x)
         bsz, seq_len = x.shape[:2]
-        start, total = self._check_cache(cache, query_start, bsz, seq_len)
+        start, total = check_cache_call(
+            cache,
+            query_start,
+            num_layers=self.config.n_layers,
+            batch_size=bsz,
+            seq_len=seq_len,
+            training=self.training,
+            family="LLaDA",
+        )
 
         key_mask, spans, first = None, None, None
         if attention_mask is not None:
@@ -480,36 +488,6 @@ class LLaDAModel(nn.Module):
             all_hidden.append(x)
         new_cache = None if present is None else LLaDACache([k for k, _ in present], [v for _, v in present])
         return x, (tuple(all_hidden) if all_hidden is not None else None), new_cache
-
-    def _check_cache(
-        self, past: Optional[LLaDACache], query_start: Optional[int], bsz: int, seq_len: int
-    ) -> tuple[int, int]:
-        """(first position of the input, length of the whole sequence), after checking the cache arguments."""
-        if past is not None and self.training and torch.is_grad_enabled():
-            raise ValueError(
-                "LLaDA's KV cache is for inference (its K/V are an approximation under bidirectional attention): "
-                "call model.eval() or run under torch.no_grad(), or drop use_cache / cache."
-            )
-        if past is None:
-            if query_start not in (None, 0):
-                raise ValueError(f"query_start={query_start} needs a cache (the K/V of the other positions).")
-            return 0, seq_len
-        if not isinstance(past, LLaDACache):
-            raise ValueError(
-                f"cache must be an LLaDACache (from a forward with use_cache=True), got {type(past).__name__}."
-            )
-        start = past.length if query_start is None else int(query_start)
-        if len(past) != self.config.n_layers or past.batch_size != bsz:
-            raise ValueError(
-                f"The cache holds {len(past)} layers × batch {past.batch_size}; this call needs "
-                f"{self.config.n_layers} × {bsz}."
-            )
-        if not 0 <= start <= past.length or not (past.length == start or past.length >= start + seq_len):
-            raise ValueError(
-                f"query_start={start} with {seq_len} input positions does not fit a cache of {past.length} positions: "
-                "the cache must end where the input starts (prefix) or cover the input (dual)."
-            )
-        return start, max(past.length, start + seq_len)
 
 
 @dataclass
